@@ -1,0 +1,61 @@
+# vlt: every target is one CLI call with a config file; hyperparameters live in conf/, not here.
+# `make help` lists the targets. Variables: PYTHON, VENV, TORCH, CONFIG, ARGS (see below).
+
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+#: PYTHON  interpreter that creates the virtual environment
+PYTHON ?= python3
+#: VENV    environment folder; bring your own with VENV=/path/to/env
+VENV ?= .venv
+#: TORCH   torch requirement; a cluster keeps its CUDA build with TORCH=torch
+TORCH ?= torch==2.13.0
+#: EXTRAS  optional dependency groups installed with the package
+EXTRAS ?= dev,data
+#: CONFIG  config file of a stage target (each target has its tiny default)
+#: ARGS    extra CLI overrides, e.g. ARGS="--trainer.max_steps=100"
+ARGS ?=
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.vlt-installed
+
+.PHONY: help install data test test-fast lint format tensorboard clean
+
+help: ## show this help
+	@echo "vlt make targets:"
+	@grep -hE '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-18s\033[0m %s\n", $$1, $$2}'
+	@echo "variables:"
+	@grep -hE '^#: ' $(MAKEFILE_LIST) | sed -E 's/^#: /  /'
+
+$(STAMP): pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q "$(TORCH)"
+	$(BIN)/python -m pip install -q -e ".[$(EXTRAS)]"
+	@touch $@
+
+install: $(STAMP) ## create/refresh the virtual environment (re-runs only when pyproject.toml changes)
+
+data: $(STAMP) ## build the embedded shard sets (synthetic + photos) under data/*/shards
+	$(BIN)/vlt data synthetic --out data/synthetic/shards
+	$(BIN)/vlt data photos --out data/photos/shards
+
+test: $(STAMP) ## run every test tier (unit, data, config, smoke, ddp, notebooks)
+	$(BIN)/python -m pytest -q
+
+test-fast: $(STAMP) ## unit/contract/config/data tests only (skips slow, ddp and slurm tiers)
+	$(BIN)/python -m pytest -q -m "not slow and not ddp and not slurm"
+
+lint: $(STAMP) ## ruff lint + format check
+	$(BIN)/ruff check vlt tests bench
+	$(BIN)/ruff format --check vlt tests bench
+
+format: $(STAMP) ## apply ruff formatting and safe fixes
+	$(BIN)/ruff check --fix vlt tests bench
+	$(BIN)/ruff format vlt tests bench
+
+tensorboard: $(STAMP) ## serve TensorBoard over runs/ (PORT=6006)
+	$(BIN)/tensorboard --logdir runs --port $${PORT:-6006}
+
+clean: ## remove caches and build outputs (keeps .venv, data shards and runs/)
+	rm -rf .pytest_cache .ruff_cache build *.egg-info
+	find . -name __pycache__ -type d -prune -not -path "./$(VENV)/*" -exec rm -rf {} +

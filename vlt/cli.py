@@ -1,0 +1,70 @@
+"""The `vlt` command: Lightning's subcommands plus vlt's own tools.
+
+    vlt fit|validate|test|predict -c conf/<stage>/<preset>.yaml [--key=value ...]
+    vlt data synthetic|photos|folder ...        build webdataset shards
+    vlt cache-latents ... / vlt sample ... / vlt curves ...   (stage tools, where installed)
+
+This is the only module that knows YAML exists. Config files are parsed by jsonargparse in
+"omegaconf+" mode: `${...}` interpolations resolve after command-line overrides are applied.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+from collections.abc import Callable
+
+import jsonargparse
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+
+# Extra commands: name -> "module:function-or-list" resolved lazily, so `vlt fit` never imports them.
+TOOLS: dict[str, str] = {
+    "data": "vlt.data.builders:COMMANDS",
+    "cache-latents": "vlt.data.latents:cache_latents",
+    "sample": "vlt.sampling:sample",
+    "curves": "vlt.callbacks.curves:curves",
+}
+
+
+class VLTCLI(LightningCLI):
+    """LightningCLI with vlt's defaults: omegaconf+ parsing, resumable config saving, a run name."""
+
+    def __init__(self, args: list[str] | None = None, run: bool = True) -> None:
+        # Relative paths inside configs resolve against the working directory, also under subcommands.
+        jsonargparse.set_parsing_settings(omegaconf_absolute_to_relative_paths=True)
+        super().__init__(
+            model_class=None,
+            datamodule_class=None,
+            parser_kwargs={"parser_mode": "omegaconf+"},
+            # A requeued or resumed run rewrites its own config.yaml instead of crashing on it.
+            save_config_kwargs={"overwrite": True},
+            seed_everything_default=0,
+            args=args,
+            run=run,
+        )
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        # Top-level keys used only for interpolation must be declared arguments.
+        parser.add_argument("--name", type=str, default="run", help="Run name: outputs go to runs/<name>/")
+        parser.add_argument("--runs_dir", type=str, default="runs", help="Parent folder of run directories")
+
+
+def _resolve(spec: str) -> Callable | list[Callable]:
+    module, attr = spec.split(":")
+    return getattr(importlib.import_module(module), attr)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = list(sys.argv[1:] if argv is None else argv)
+    if args and args[0] in TOOLS:
+        tool = args[0]
+        target = _resolve(TOOLS[tool])
+        jsonargparse.CLI(target, args=args[1:], prog=f"vlt {tool}", as_positional=False)
+        return
+    if args and args[0] in ("-h", "--help"):
+        print(f"vlt tools (each has --help): {', '.join(TOOLS)}\n")
+    VLTCLI(args=argv)
+
+
+if __name__ == "__main__":
+    main()
