@@ -1,0 +1,222 @@
+"""A diffusion transformer over K merged tokens of an N-slot latent (one network for every K).
+
+Letters: B batch, N latent slots, K merged tokens, C latent channels, D width, H hidden (SwiGLU).
+
+The tokens are cluster means z~ = Gbar^T z of a fixed global merge pattern. Two things make one DiT
+serve every K: each merged token gets the mean position of its member slots, p~ = Gbar^T p, and
+attention adds log m_j to the logit of key j (proportional attention), so a merged token weighs as
+much as the m_j unmerged slots it stands for. Blocks are adaLN-Zero (DiT) with RMSNorm, QK-norm and
+SwiGLU (LightningDiT). With `k_conditioning` the adaLN vector also embeds K, for batches whose K
+was chosen per image (content-adaptive mode).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from vlt.models.merge_ops import merge
+from vlt.models.registry import register
+from vlt.nn.attention import Attention, size_bias
+from vlt.nn.mlp import SwiGLU
+from vlt.nn.modulation import AdaLN, LabelEmbedder, ScalarEmbedder, modulate
+
+
+@dataclass
+class DiTConfig:
+    """DiT hyper-parameters.
+
+    Args:
+        n_slots: N, slots of the full latent (positions are learned per slot).
+        channels: C, latent channels in and out.
+        width, depth, heads: D, number of blocks, attention heads.
+        mlp: SwiGLU gated hidden width as a multiple of D (8/3 matches a 4x GELU MLP in parameters).
+        num_classes: real classes; label `num_classes` is the null label used by guidance.
+        class_dropout: training-time label dropout rate (classifier-free guidance).
+        qk_norm: RMS-normalise queries and keys per head.
+        k_conditioning: add an embedding of K to the adaLN conditioning.
+        freq_dim: sinusoidal feature width of the t (and K) embedders.
+        pos_std: init std of the learned slot positions.
+    """
+
+    n_slots: int = 32
+    channels: int = 16
+    width: int = 128
+    depth: int = 4
+    heads: int = 4
+    mlp: float = 8 / 3
+    num_classes: int = 10
+    class_dropout: float = 0.1
+    qk_norm: bool = True
+    k_conditioning: bool = False
+    freq_dim: int = 256
+    pos_std: float = 0.02
+
+    @property
+    def hidden(self) -> int:
+        return int(self.mlp * self.width)
+
+
+class DiTBlock(nn.Module):
+    """Pre-norm attention + SwiGLU, each branch modulated and gated by adaLN-Zero."""
+
+    def __init__(self, cfg: DiTConfig) -> None:
+        super().__init__()
+        d = cfg.width
+        self.norm1 = nn.RMSNorm(d, elementwise_affine=False)
+        self.attn = Attention(d, cfg.heads, qk_norm=cfg.qk_norm)
+        self.norm2 = nn.RMSNorm(d, elementwise_affine=False)
+        self.mlp = SwiGLU(d, cfg.hidden)
+        self.ada = AdaLN(d, 6)
+
+    def forward(self, x: Tensor, c: Tensor, bias: Tensor | None) -> Tensor:
+        """x: (B, K, D), c: (B, D), bias: proportional-attention key bias (see `size_bias`)."""
+        shift1, scale1, gate1, shift2, scale2, gate2 = self.ada(c)  # 6 x (B, D)
+        x = x + gate1[:, None] * self.attn(modulate(self.norm1(x), shift1, scale1), bias)  # (B, K, D)
+        return x + gate2[:, None] * self.mlp(modulate(self.norm2(x), shift2, scale2))  # (B, K, D)
+
+
+class FinalLayer(nn.Module):
+    """Modulated norm + linear to C channels; zero-initialised so the untrained model predicts 0."""
+
+    def __init__(self, cfg: DiTConfig) -> None:
+        super().__init__()
+        self.norm = nn.RMSNorm(cfg.width, elementwise_affine=False)
+        self.ada = AdaLN(cfg.width, 2)
+        self.linear = nn.Linear(cfg.width, cfg.channels)
+
+    def forward(self, x: Tensor, c: Tensor) -> Tensor:
+        shift, scale = self.ada(c)  # 2 x (B, D)
+        return self.linear(modulate(self.norm(x), shift, scale))  # (B, K, C)
+
+
+class DiT(nn.Module):
+    """Velocity network v(x_t, t, y) on K merged tokens; see the module docstring for the design."""
+
+    def __init__(self, cfg: DiTConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        d = cfg.width
+        self.x_embed = nn.Linear(cfg.channels, d)
+        self.pos = nn.Parameter(torch.zeros(cfg.n_slots, d))  # (N, D) learned slot positions
+        self.t_embed = ScalarEmbedder(d, freq_dim=cfg.freq_dim, scale=1000.0)
+        self.y_embed = LabelEmbedder(cfg.num_classes, d, dropout=cfg.class_dropout)
+        self.k_embed = ScalarEmbedder(d, freq_dim=cfg.freq_dim) if cfg.k_conditioning else None
+        self.blocks = nn.ModuleList(DiTBlock(cfg) for _ in range(cfg.depth))
+        self.final = FinalLayer(cfg)
+        self.initialize_weights()
+
+    @property
+    def null_label(self) -> int:
+        return self.cfg.num_classes
+
+    def initialize_weights(self) -> None:
+        """Xavier linears, small positions, N(0, 0.02) label/t-MLP weights; adaLN and output at zero."""
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                nn.init.zeros_(m.bias)
+        nn.init.normal_(self.pos, std=self.cfg.pos_std)
+        nn.init.normal_(self.y_embed.table.weight, std=0.02)
+        for emb in (self.t_embed, self.k_embed):
+            if emb is not None:
+                nn.init.normal_(emb.mlp[0].weight, std=0.02)
+                nn.init.normal_(emb.mlp[2].weight, std=0.02)
+        # adaLN-Zero: every residual branch and the output start closed.
+        for block in self.blocks:
+            block.ada.zero_()
+        self.final.ada.zero_()
+        nn.init.zeros_(self.final.linear.weight)
+        nn.init.zeros_(self.final.linear.bias)
+
+    def positions(self, gbar: Tensor) -> Tensor:
+        """Merged positions p~ = Gbar^T p: gbar (N, K) -> (1, K, D), or (B, N, K) -> (B, K, D)."""
+        return merge(self.pos[None], gbar)
+
+    def forward(
+        self,
+        x: Tensor,
+        t: Tensor,
+        y: Tensor,
+        gbar: Tensor,
+        sizes: Tensor,
+        force_drop_ids: Tensor | None = None,
+    ) -> Tensor:
+        """Predict the flow velocity of merged latents.
+
+        Args:
+            x: (B, K, C) noisy merged latents.
+            t: (B,) flow time in [0, 1] (0 noise, 1 data).
+            y: (B,) long labels; `num_classes` means unconditional.
+            gbar: (N, K) column-normalised assignment of this batch's K, or (B, N, K) per image.
+            sizes: (K,) or (B, K) slots per token m_j (for the log m_j attention bias).
+            force_drop_ids: (B,) with 1 where the label must be replaced by the null label; when None,
+                labels are dropped at random at `class_dropout` in training mode only.
+
+        Returns:
+            (B, K, C) velocity.
+        """
+        b, k, _ = x.shape
+        h = self.x_embed(x) + self.positions(gbar)  # (B, K, D)
+        c = self.t_embed(t) + self.y_embed(y, force_drop_ids)  # (B, D)
+        if self.k_embed is not None:
+            c = c + self.k_embed(torch.full((b,), float(k), device=x.device))  # (B, D)
+        bias = size_bias(sizes)  # (1 or B, 1, 1, K)
+        for block in self.blocks:
+            h = block(h, c, bias)  # (B, K, D)
+        return self.final(h, c)  # (B, K, C)
+
+    def flops(self, k: int) -> int:
+        """Analytic forward FLOPs per image at K tokens (matmuls only, 2*m*n*k each).
+
+        Counts the token linears, attention QK^T and AV, the per-image conditioning MLPs and adaLN
+        linears, and the position merge; elementwise ops (norms, activations, modulation) are left
+        out, as FLOP counters do. Attention makes it quadratic in K.
+        """
+        cfg, d, h = self.cfg, self.cfg.width, self.cfg.hidden
+        block_tokens = 2 * k * d * (3 * d + d + 2 * h) + 2 * k * h * d  # qkv, proj, w12, w3
+        block_attn = 2 * 2 * k * k * d  # QK^T and AV over all heads
+        block_ada = 2 * d * 6 * d
+        blocks = cfg.depth * (block_tokens + block_attn + block_ada)
+        embed = 2 * k * cfg.channels * d + 2 * cfg.n_slots * k * d  # input linear, Gbar^T p
+        scalar_mlp = 2 * (cfg.freq_dim * d + d * d)
+        cond = scalar_mlp * (2 if cfg.k_conditioning else 1)
+        final = 2 * d * 2 * d + 2 * k * d * cfg.channels
+        return blocks + embed + cond + final
+
+
+# --- presets: (width, depth, heads) as in DiT/LightningDiT; N and C match the tokenizer presets ---
+def _preset(width: int, depth: int, heads: int, n_slots: int, channels: int, overrides: dict) -> DiT:
+    base = {"width": width, "depth": depth, "heads": heads, "n_slots": n_slots, "channels": channels}
+    return DiT(DiTConfig(**{**base, **overrides}))
+
+
+@register("dit", "tiny")
+def dit_tiny(**overrides) -> DiT:
+    """Tiny DiT for CPU demos on the tiny tokenizer (N=32, C=16)."""
+    return _preset(128, 4, 4, 32, 16, overrides)
+
+
+@register("dit", "s")
+def dit_s(**overrides) -> DiT:
+    return _preset(384, 12, 6, 256, 32, overrides)
+
+
+@register("dit", "b")
+def dit_b(**overrides) -> DiT:
+    return _preset(768, 12, 12, 256, 32, overrides)
+
+
+@register("dit", "l")
+def dit_l(**overrides) -> DiT:
+    return _preset(1024, 24, 16, 256, 32, overrides)
+
+
+@register("dit", "xl")
+def dit_xl(**overrides) -> DiT:
+    return _preset(1152, 28, 16, 256, 32, overrides)
+
+
+DIT_PRESETS = {"tiny": dit_tiny, "s": dit_s, "b": dit_b, "l": dit_l, "xl": dit_xl}
