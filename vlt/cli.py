@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import importlib
 import sys
+from pathlib import Path
 from collections.abc import Callable
 
 import jsonargparse
@@ -39,6 +40,8 @@ class VLTCLI(LightningCLI):
             # A requeued or resumed run rewrites its own config.yaml instead of crashing on it.
             save_config_kwargs={"overwrite": True},
             seed_everything_default=0,
+            # Each LightningModule owns its optimizer and schedule (typed init args), so configs stay flat.
+            auto_configure_optimizers=False,
             args=args,
             run=run,
         )
@@ -47,6 +50,23 @@ class VLTCLI(LightningCLI):
         # Top-level keys used only for interpolation must be declared arguments.
         parser.add_argument("--name", type=str, default="run", help="Run name: outputs go to runs/<name>/")
         parser.add_argument("--runs_dir", type=str, default="runs", help="Parent folder of run directories")
+
+    def before_instantiate_classes(self) -> None:
+        """Give every run one fixed directory, runs_dir/name, unless the config sets its own.
+
+        Fixed (no timestamps, no version_N) so a requeued or resumed job finds its checkpoints, TensorBoard
+        events and config.yaml in the same place.
+        """
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        run_dir = str(Path(config.runs_dir) / config.name)
+        trainer = config.trainer
+        if trainer.default_root_dir is None:
+            trainer.default_root_dir = run_dir
+        if trainer.logger is None or trainer.logger is True:
+            trainer.logger = {
+                "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
+                "init_args": {"save_dir": config.runs_dir, "name": config.name, "version": ""},
+            }
 
 
 def _resolve(spec: str) -> Callable | list[Callable]:
