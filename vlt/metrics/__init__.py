@@ -1,0 +1,28 @@
+"""Evaluation metrics: FID (torchmetrics, Inception or a named proxy), cached real statistics, rate."""
+
+from vlt.metrics.fid import (
+    InceptionExtractor,
+    ProxyExtractor,
+    build_fid,
+    find_inception_weights,
+    frechet_distance,
+    make_extractor,
+    metric_name,
+)
+from vlt.metrics.rate import FlopsReport, psnr, transformer_flops
+from vlt.metrics.real_stats import RealStats, RealStatsKey
+
+__all__ = [
+    "FlopsReport",
+    "InceptionExtractor",
+    "ProxyExtractor",
+    "RealStats",
+    "RealStatsKey",
+    "build_fid",
+    "find_inception_weights",
+    "frechet_distance",
+    "make_extractor",
+    "metric_name",
+    "psnr",
+    "transformer_flops",
+]
