@@ -1,0 +1,193 @@
+"""Learned global merging and its baselines: exact nested cuts, round trips, gradients, oracles."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from vlt.models.baselines import bipartite_assignment
+from vlt.models.merge_ops import MergeTable
+from vlt.models.merging import Merger, alignment_loss, hierarchy, straight_through
+from vlt.nn.attention import Attention, size_bias
+
+N, C, GRID = 32, 16, (1, 4, 8, 16, 32)
+
+
+def _merger(mode: str = "lgm", **kw) -> Merger:
+    return Merger(mode=mode, n_slots=N, grid=(4, 8, 16, 32), fixed_k=8, channels=C, embed_dim=8, **kw)
+
+
+@pytest.mark.parametrize("noise", [0.0, 0.1, 1.0])
+@pytest.mark.parametrize("blocks", [1, 4])
+def test_hierarchy_is_nested_with_exact_counts(noise: float, blocks: int) -> None:
+    torch.manual_seed(0)
+    for seed in range(3):
+        gen = torch.Generator().manual_seed(seed)
+        cuts = hierarchy(torch.randn(N, 8), range(1, N + 1), noise=noise, blocks=blocks, generator=gen)
+        for k, a in cuts.items():
+            assert a.unique().numel() == k and a.min() == 0 and a.max() == k - 1
+            # Numbered by smallest member: first occurrences appear in order 0, 1, 2, ...
+            first = [int(a[: i + 1].max()) for i in range(N)]
+            assert first == sorted(first) and a[0] == 0
+        assert MergeTable(n=N, assign=cuts).nested()
+
+
+def test_block_restriction_keeps_clusters_inside_blocks() -> None:
+    torch.manual_seed(0)
+    block = torch.arange(N) // (N // 4)
+    cuts = hierarchy(torch.randn(N, 8), GRID, noise=0.1, blocks=4)
+    for k, a in cuts.items():
+        for j in range(k):
+            members = block[a == j].unique()
+            assert k < 4 or members.numel() == 1, (k, j, members)
+    # Without the restriction some cluster crosses a block boundary (random e, K=4).
+    free = hierarchy(torch.randn(N, 8), [4])[4]
+    assert any(block[free == j].unique().numel() > 1 for j in range(4))
+
+
+def test_noise_changes_the_pattern_but_keeps_k_exact() -> None:
+    torch.manual_seed(0)
+    e = torch.randn(N, 8)
+    clean = hierarchy(e, GRID)
+    noisy = hierarchy(e, GRID, noise=0.3, generator=torch.Generator().manual_seed(1))
+    assert any(not torch.equal(clean[k], noisy[k]) for k in (4, 8, 16))
+    assert all(noisy[k].unique().numel() == k for k in GRID)
+    assert all(torch.equal(clean[k], hierarchy(e, GRID)[k]) for k in GRID)  # deterministic without noise
+
+
+@pytest.mark.parametrize("k", [4, 8, 16])
+def test_merge_unmerge_round_trip_and_sizes(k: int) -> None:
+    torch.manual_seed(0)
+    m = _merger().eval()
+    z = torch.randn(3, N, C)
+    out = m(z, k)
+    assert out.tokens.shape == (3, k, C) and out.z_hat.shape == (3, N, C)
+    assert out.sizes.sum() == N
+    torch.testing.assert_close(m.unmerge(out.tokens), out.z_hat)
+    torch.testing.assert_close(m(out.z_hat, k).tokens, out.tokens)  # merge(unmerge(t)) == t
+    # Mass is conserved: size-weighted token sum equals the slot sum.
+    torch.testing.assert_close((out.sizes[None, :, None] * out.tokens).sum(1), z.sum(1))
+    table = m.table()
+    assert table.ks == [4, 8, 16, 32] and table.nested()
+    torch.testing.assert_close(table.merge(z, k), out.tokens)
+
+
+def test_k_equal_n_is_identity_in_every_mode() -> None:
+    z = torch.randn(2, N, C)
+    for mode in ("lgm", "nested", "tome", "fixed", "none"):
+        out = _merger(mode)(z, N)
+        assert out.tokens is z and out.z_hat is z and torch.equal(out.sizes, torch.ones(N))
+
+
+def test_straight_through_forward_is_hard_and_gradient_reaches_e() -> None:
+    torch.manual_seed(0)
+    e = torch.randn(N, 8, requires_grad=True)
+    assign = hierarchy(e, [8])[8]
+    gamma = straight_through(e, assign, 8)
+    torch.testing.assert_close(gamma, torch.nn.functional.one_hot(assign, 8).float())
+    m = _merger().train()
+    z, target = torch.randn(2, N, C), torch.randn(2, N, C)
+    out = m(z, 8, generator=torch.Generator().manual_seed(0))
+    (out.z_hat - target).pow(2).mean().backward()
+    assert m.e.grad is not None and torch.isfinite(m.e.grad).all() and m.e.grad.abs().sum() > 0
+
+
+def test_eval_pattern_follows_updates_of_e() -> None:
+    torch.manual_seed(0)
+    m = _merger().eval()
+    before = m.table().assign[8].clone()
+    with torch.no_grad():
+        m.e.copy_(torch.randn_like(m.e))  # in place, like an optimizer step
+    after = m.table().assign[8]
+    assert torch.equal(after, hierarchy(m.e, [8])[8]) and not torch.equal(before, after)
+
+
+def test_attention_on_unmerged_slots_equals_proportional_attention_on_merged_tokens() -> None:
+    torch.manual_seed(0)
+    d, p, k = 32, 5, 8
+    attn = Attention(d, 4)
+    m = Merger(mode="lgm", n_slots=N, grid=(k,), embed_dim=8).eval()
+    x, z = torch.randn(2, p, d), torch.randn(2, N, d)
+    out = m(z, k)
+    full = attn(torch.cat([x, out.z_hat], 1))  # (B, P+N, D)
+    bias = size_bias(torch.cat([torch.ones(p), out.sizes]))
+    merged = attn(torch.cat([x, out.tokens], 1), bias)  # (B, P+K, D)
+    torch.testing.assert_close(full[:, :p], merged[:, :p], atol=1e-5, rtol=1e-5)
+    # Slot queries see the same thing as their merged token's query.
+    assign = m.table().assign[k]
+    torch.testing.assert_close(full[:, p:], merged[:, p:][:, assign], atol=1e-5, rtol=1e-5)
+
+
+def test_alignment_loss_zero_within_margin_positive_otherwise() -> None:
+    torch.manual_seed(0)
+    e = torch.randn(N, C)
+    near = (e + 0.01 * torch.randn(4, N, C)).requires_grad_()
+    assert alignment_loss(e, near) == 0
+    flipped = e * torch.where(torch.arange(N) % 2 == 0, 1.0, -1.0)[:, None]
+    e_param = e.clone().requires_grad_()
+    loss = alignment_loss(e_param, flipped[None].expand(3, -1, -1))
+    loss.backward()
+    assert loss > 0 and e_param.grad.abs().sum() > 0
+    assert _merger("nested").alignment_loss(near) == 0 and _merger().alignment_loss(near) > 0
+
+
+@pytest.mark.parametrize("mode", ["lgm", "nested", "tome", "fixed"])
+def test_every_mode_gives_k_tokens(mode: str) -> None:
+    torch.manual_seed(0)
+    m = _merger(mode).train()
+    z = torch.randn(3, N, C, requires_grad=True)
+    k = 8
+    out = m(z, k)
+    assert out.tokens.shape == (3, k, C) and out.z_hat.shape == (3, N, C)
+    sizes = out.sizes if out.sizes.ndim == 2 else out.sizes.expand(3, k)
+    # Nested dropout keeps K single slots (the rest are masked, not merged): sizes sum to K.
+    assert torch.equal(sizes.sum(1), torch.full((3,), float(k if mode == "nested" else N)))
+    out.z_hat.sum().backward()
+    assert torch.isfinite(z.grad).all()
+
+
+def test_nested_dropout_keeps_the_head_and_masks_the_tail() -> None:
+    m = _merger("nested")
+    with torch.no_grad():
+        m.mask.fill_(7.0)
+    z = torch.randn(2, N, C)
+    out = m(z, 4)
+    assert torch.equal(out.tokens, z[:, :4]) and torch.equal(out.z_hat[:, :4], z[:, :4])
+    assert (out.z_hat[:, 4:] == 7.0).all() and torch.equal(m.unmerge(out.tokens), out.z_hat)
+    assert m.table() is None
+
+
+def test_tome_merges_duplicate_pairs_and_is_per_image() -> None:
+    torch.manual_seed(0)
+    base = torch.randn(2, N // 2, C)
+    z = base.repeat_interleave(2, dim=1)  # slots 2j and 2j+1 are identical
+    gamma = bipartite_assignment(z, N // 2)  # (B, N, K)
+    for b in range(2):
+        for j in range(N // 2):
+            assert torch.equal(gamma[b, 2 * j], gamma[b, 2 * j + 1])
+    m = _merger("tome")
+    out = m(torch.randn(2, N, C), 4)
+    assert out.sizes.shape == (2, 4)
+    torch.testing.assert_close((out.sizes[..., None] * out.tokens).sum(1), out.z_hat.sum(1))
+    with pytest.raises(ValueError, match="per image"):
+        m.unmerge(out.tokens)
+
+
+def test_k_policy() -> None:
+    gen = torch.Generator().manual_seed(0)
+    m = Merger(mode="lgm", n_slots=N, grid=(4, 8, 16), grid_weights=(0, 1, 0))
+    assert {m.sample_k(gen) for _ in range(50)} == {8}
+    assert _merger("fixed").sample_k(gen) == 8 and _merger("none").sample_k(gen) == N
+    both = Merger(mode="lgm", n_slots=N, grid=(4, 8))
+    assert {both.sample_k(gen) for _ in range(50)} == {4, 8}
+
+
+def test_bad_options_raise() -> None:
+    with pytest.raises(ValueError, match="'bogus'.*lgm"):
+        Merger(mode="bogus", n_slots=N, grid=(4,))  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="fixed_k"):
+        Merger(mode="fixed", n_slots=N)
+    with pytest.raises(ValueError, match="grid"):
+        Merger(mode="lgm", n_slots=N, grid=(64,))
+    with pytest.raises(ValueError, match="K=8"):
+        _merger("none")(torch.randn(1, N, C), 8)

@@ -1,0 +1,174 @@
+"""Stage 1: a 1D ViT tokenizer that turns an image into N latent slots and back.
+
+Letters: B batch, P image patches, N latent slots, C latent channels, D width, Q = patch*patch*3.
+
+Encoder: a ViT over [P patch embeddings + pos-emb, N learned slot tokens]; the N slot outputs are
+projected to C channels by the bottleneck. Decoder: a ViT over [P mask tokens + 2D pos-emb,
+N slots = Linear(z) + learned slot position embeddings]; the P outputs predict pixels. The decoder
+always sees N slots: merged tokens are unmerged (broadcast back) before decoding.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Any, Literal, NamedTuple
+
+import torch
+from einops import rearrange
+from torch import Tensor, nn
+
+from vlt.models.bottleneck import make_bottleneck
+from vlt.models.registry import register
+from vlt.nn.posemb import sincos_2d
+from vlt.nn.vit import Transformer
+
+
+@dataclass
+class TokenizerConfig:
+    """Every knob of the tokenizer.
+
+    init: "paper" puts slot, slot-position and mask embeddings at std 0.02 and starts both patch
+        position embeddings from 2D sin-cos (learnable). "tiny" puts slots, decoder position queries
+        and decoder slot positions at std 1, the mask token at 0 and the encoder pos-emb at std 0.3:
+        at width 64 the small init made every slot identical (collapse), O(1) init keeps them apart.
+    """
+
+    image_size: int = 32
+    patch_size: int = 4
+    width: int = 64
+    enc_depth: int = 2
+    dec_depth: int = 2
+    heads: int = 4
+    mlp_ratio: float = 4.0
+    n_slots: int = 32
+    channels: int = 16
+    bottleneck: Literal["kl", "layernorm"] = "layernorm"
+    kl_sample: bool = True
+    init: Literal["paper", "tiny"] = "tiny"
+    qk_norm: bool = False
+
+    def __post_init__(self) -> None:
+        if self.image_size % self.patch_size:
+            raise ValueError(f"image_size {self.image_size} is not a multiple of patch {self.patch_size}")
+        if self.init not in ("paper", "tiny"):
+            raise ValueError(f"unknown init {self.init!r}; choose one of 'paper', 'tiny'")
+        if self.bottleneck not in ("kl", "layernorm"):
+            raise ValueError(f"unknown bottleneck {self.bottleneck!r}; choose one of 'kl', 'layernorm'")
+
+    @property
+    def grid(self) -> int:
+        return self.image_size // self.patch_size
+
+    @property
+    def n_patches(self) -> int:
+        return self.grid**2
+
+
+class Encoded(NamedTuple):
+    z: Tensor  # (B, N, C) latent used downstream: sampled in KL training, else the mean
+    kl: Tensor  # () KL term (0 for the layernorm bottleneck)
+
+
+class Tokenizer(nn.Module):
+    """Image (B, 3, H, W) in [-1, 1] <-> N slot latents (B, N, C). See `TokenizerConfig`."""
+
+    def __init__(self, cfg: TokenizerConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        d, p, n = cfg.width, cfg.n_patches, cfg.n_slots
+        q = cfg.patch_size**2 * 3
+        kw: dict[str, Any] = {"mlp_ratio": cfg.mlp_ratio, "qk_norm": cfg.qk_norm}
+        # Encoder.
+        self.patch_embed = nn.Linear(q, d)
+        self.enc_pos = nn.Parameter(torch.zeros(p, d))
+        self.slots = nn.Parameter(torch.zeros(n, d))
+        self.encoder = Transformer(d, cfg.enc_depth, cfg.heads, **kw)
+        self.bottleneck = make_bottleneck(
+            cfg.bottleneck, width=d, channels=cfg.channels, sample=cfg.kl_sample
+        )
+        # Decoder.
+        self.latent_in = nn.Linear(cfg.channels, d)
+        self.slot_pos = nn.Parameter(torch.zeros(n, d))
+        self.mask_token = nn.Parameter(torch.zeros(d))
+        self.dec_pos = nn.Parameter(torch.zeros(p, d))
+        self.decoder = Transformer(d, cfg.dec_depth, cfg.heads, **kw)
+        self.to_pixels = nn.Linear(d, q)
+        self.initialize_weights()
+
+    def initialize_weights(self) -> None:
+        """Xavier-uniform linears with zero bias (as in DiT), then the embeddings per `cfg.init`."""
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+        cfg = self.cfg
+        with torch.no_grad():
+            if cfg.init == "paper":
+                pos = sincos_2d(cfg.grid, cfg.width)
+                self.enc_pos.copy_(pos)
+                self.dec_pos.copy_(pos)
+                for emb in (self.slots, self.slot_pos, self.mask_token):
+                    nn.init.normal_(emb, std=0.02)
+            else:
+                nn.init.normal_(self.enc_pos, std=0.3)
+                nn.init.normal_(self.dec_pos, std=1.0)
+                nn.init.normal_(self.slots, std=1.0)
+                nn.init.normal_(self.slot_pos, std=1.0)
+                nn.init.zeros_(self.mask_token)
+
+    def encode(self, images: Tensor) -> Encoded:
+        """images (B, 3, H, W) -> Encoded(z (B, N, C), kl ())."""
+        s = self.cfg.patch_size
+        patches = rearrange(images, "b c (h s1) (w s2) -> b (h w) (s1 s2 c)", s1=s, s2=s)  # (B, P, Q)
+        x = self.patch_embed(patches) + self.enc_pos  # (B, P, D)
+        slots = self.slots.expand(x.shape[0], -1, -1)  # (B, N, D)
+        h = self.encoder(torch.cat([x, slots], dim=1))[:, -self.cfg.n_slots :]  # (B, N, D)
+        out = self.bottleneck(h)
+        return Encoded(z=out.z, kl=out.kl)
+
+    def decode(self, z: Tensor) -> Tensor:
+        """z (B, N, C) -> images (B, 3, H, W), roughly in [-1, 1] (no final squashing)."""
+        b, p = z.shape[0], self.cfg.n_patches
+        slots = self.latent_in(z) + self.slot_pos  # (B, N, D)
+        queries = (self.mask_token + self.dec_pos).expand(b, -1, -1)  # (B, P, D)
+        h = self.decoder(torch.cat([queries, slots], dim=1))[:, :p]  # (B, P, D)
+        patches = self.to_pixels(h)  # (B, P, Q)
+        s, g = self.cfg.patch_size, self.cfg.grid
+        return rearrange(patches, "b (h w) (s1 s2 c) -> b c (h s1) (w s2)", h=g, w=g, s1=s, s2=s)
+
+    def forward(self, images: Tensor) -> Tensor:
+        """Plain autoencoding without merging: images -> z -> images."""
+        return self.decode(self.encode(images).z)
+
+
+def _build(base: TokenizerConfig, overrides: dict[str, Any]) -> Tokenizer:
+    return Tokenizer(replace(base, **overrides))
+
+
+@register("tokenizer", "tiny")
+def tiny(**overrides: Any) -> Tokenizer:
+    """32x32, patch 4 (P=64), width 64, depth 2+2, N=32, C=16, LayerNorm bottleneck, O(1) init."""
+    return _build(TokenizerConfig(), overrides)
+
+
+@register("tokenizer", "s")
+def s(**overrides: Any) -> Tokenizer:
+    """256x256, patch 16 (P=256), a ViT-S encoder and a ViT-S decoder (384 wide, 12+12, 6 heads),
+    N=256, C=16, KL bottleneck, paper init."""
+    base = TokenizerConfig(
+        image_size=256, patch_size=16, width=384, enc_depth=12, dec_depth=12, heads=6,
+        n_slots=256, channels=16, bottleneck="kl", init="paper",
+    )  # fmt: skip
+    return _build(base, overrides)
+
+
+@register("tokenizer", "b")
+def b(**overrides: Any) -> Tokenizer:
+    """256x256, patch 16 (P=256), a ViT-B encoder and a ViT-B decoder (768 wide, 12+12, 12 heads),
+    N=256, C=32, KL bottleneck, paper init."""
+    base = TokenizerConfig(
+        image_size=256, patch_size=16, width=768, enc_depth=12, dec_depth=12, heads=12,
+        n_slots=256, channels=32, bottleneck="kl", init="paper",
+    )  # fmt: skip
+    return _build(base, overrides)
