@@ -183,7 +183,7 @@ def test_k_policy() -> None:
 
 
 def test_bad_options_raise() -> None:
-    with pytest.raises(ValueError, match="'bogus'.*lgm"):
+    with pytest.raises(ValueError, match=r"'bogus'.*lgm"):
         Merger(mode="bogus", n_slots=N, grid=(4,))  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="fixed_k"):
         Merger(mode="fixed", n_slots=N)
