@@ -1,0 +1,226 @@
+"""`vlt data synthetic|photos|folder`: build webdataset shard sets (see vlt.data.shards for the layout).
+
+Each command is a plain typed function: its signature and docstring ARE the command line
+(`jsonargparse.CLI(COMMANDS, as_positional=False)`). Each shows a progress bar, prints one summary
+line, and returns the info dict it wrote to `<out>/info.json`.
+"""
+
+from __future__ import annotations
+
+import io
+import time
+from multiprocessing import Pool
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+from tqdm import tqdm
+
+from vlt.data import folder as folder_lib
+from vlt.data import photos as photo_lib
+from vlt.data import synthetic as synthetic_lib
+from vlt.data.shards import SplitWriter
+
+
+def _png(pixels: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _finish(name: str, writer: SplitWriter, info: dict[str, Any], skipped: int, t0: float) -> dict:
+    n_shards = writer.close({**info, "skipped": skipped})
+    c = writer.counts
+    total = sum(c.values())
+    print(
+        f"{name}: {total} samples in {n_shards} shards (train {c.get('train', 0)}, val {c.get('val', 0)}), "
+        f"{skipped} skipped, {time.perf_counter() - t0:.1f} s -> {writer.out}"
+    )
+    return {"counts": dict(c), "shards": n_shards, **info, "skipped": skipped}
+
+
+def synthetic(
+    out: str = "data/synthetic/shards",
+    n_train: int = 4000,
+    n_val: int = 512,
+    image_size: int = 32,
+    max_shapes: int = 10,
+    shard_size: int = 500,
+    seed: int = 0,
+    progress: bool = True,
+) -> dict:
+    """Procedural mixed-complexity images: colour gradients with 0..max_shapes shapes.
+
+    complexity = number of shapes (uniform); label = background hue bucket (10 classes), independent
+    of complexity. Sample i of a split is drawn from its own generator seeded by (seed, split, i): the
+    same seed gives the same bytes, and a larger n_train keeps the first samples unchanged.
+
+    Args:
+        out: output folder for <split>-NNNNNN.tar shards and info.json.
+        n_train: number of training images.
+        n_val: number of validation images.
+        image_size: side of the square images in pixels.
+        max_shapes: largest shape count (complexity range 0..max_shapes).
+        shard_size: samples per shard.
+        seed: base random seed.
+        progress: show a progress bar.
+    """
+    t0 = time.perf_counter()
+    with SplitWriter(out, shard_size=shard_size) as writer:
+        jobs = [("train", i) for i in range(n_train)] + [("val", i) for i in range(n_val)]
+        for split, i in tqdm(jobs, desc="synthetic", disable=not progress, leave=False):
+            rng = np.random.default_rng([seed, 0 if split == "train" else 1, i])
+            img = synthetic_lib.render(rng, image_size, max_shapes)
+            meta = {"complexity": img.complexity, "source": "synthetic", "shapes": list(img.shapes)}
+            writer.write(
+                split, f"{split}_{i:06d}", image=_png(img.pixels), ext="png", label=img.label, meta=meta
+            )
+        info = {
+            "builder": "synthetic",
+            "image_size": image_size,
+            "classes": [f"hue{k}" for k in range(synthetic_lib.N_CLASSES)],
+            "args": {"n_train": n_train, "n_val": n_val, "max_shapes": max_shapes, "seed": seed},
+        }
+        return _finish("synthetic", writer, info, 0, t0)
+
+
+def photos(
+    out: str = "data/photos/shards",
+    n_train: int = 3000,
+    n_val: int = 512,
+    image_size: int = 32,
+    min_scale: float = 0.125,
+    max_scale: float = 0.5,
+    val_sources: list[str] | None = None,
+    shard_size: int = 500,
+    seed: int = 0,
+    progress: bool = True,
+) -> dict:
+    """Random crops of the photographs shipped inside scikit-image and scikit-learn (no download).
+
+    Crops take a log-uniform fraction min_scale..max_scale of the photo's short side, resized to
+    image_size. The split is BY SOURCE PHOTO: val crops come only from val_sources, train crops from
+    all others. label = index of the source in the fixed list of known photos (info.json "classes"),
+    stable when a source fails to load; complexity = edge-density proxy 0..10
+    (vlt.data.photos.edge_complexity). Sources that fail to load are skipped and counted.
+
+    Args:
+        out: output folder for <split>-NNNNNN.tar shards and info.json.
+        n_train: number of training crops (round-robin over the train photos).
+        n_val: number of validation crops (round-robin over the val photos).
+        image_size: side of the square crops in pixels.
+        min_scale: smallest crop side as a fraction of the photo's short side.
+        max_scale: largest crop side as a fraction of the photo's short side.
+        val_sources: photo names held out for validation (default: coffee, flower).
+        shard_size: samples per shard.
+        seed: base random seed.
+        progress: show a progress bar.
+    """
+    t0 = time.perf_counter()
+    names = [*photo_lib.SKIMAGE_PHOTOS, *photo_lib.SKLEARN_PHOTOS]
+    val_names = ["coffee", "flower"] if val_sources is None else list(val_sources)
+    unknown = sorted(set(val_names) - set(names))
+    if unknown:
+        raise ValueError(f"val_sources {unknown} are not known photos; choose from {names}")
+    loaded, failed = photo_lib.load_photos()
+    for name, reason in failed.items():
+        print(f"photos: skipping source {name!r} ({reason})")
+    by_split = {s: [p for p in loaded if (p.name in val_names) == (s == "val")] for s in ("train", "val")}
+    with SplitWriter(out, shard_size=shard_size) as writer:
+        jobs = [("train", i) for i in range(n_train if by_split["train"] else 0)]
+        jobs += [("val", i) for i in range(n_val if by_split["val"] else 0)]
+        for split, i in tqdm(jobs, desc="photos", disable=not progress, leave=False):
+            src = by_split[split][i % len(by_split[split])]
+            rng = np.random.default_rng([seed, 0 if split == "train" else 1, i])
+            crop = photo_lib.random_crop(
+                src.pixels, rng, size=image_size, min_scale=min_scale, max_scale=max_scale
+            )
+            meta = {"complexity": photo_lib.edge_complexity(crop), "source": src.name}
+            writer.write(
+                split, f"{split}_{i:06d}", image=_png(crop), ext="png", label=names.index(src.name), meta=meta
+            )
+        info = {
+            "builder": "photos",
+            "image_size": image_size,
+            "classes": names,
+            "sources": {s: [p.name for p in ps] for s, ps in by_split.items()},
+            "failed_sources": failed,
+            "args": {
+                "n_train": n_train,
+                "n_val": n_val,
+                "min_scale": min_scale,
+                "max_scale": max_scale,
+                "seed": seed,
+            },
+        }
+        return _finish("photos", writer, info, len(failed), t0)
+
+
+def folder(
+    root: str,
+    out: str,
+    shard_size: int = 1000,
+    workers: int = 2,
+    resize: int | None = None,
+    val_fraction: float = 0.05,
+    seed: int = 0,
+    progress: bool = True,
+) -> dict:
+    """Any image directory -> shards. `root/<class>/<img>` gives labels (sorted class names -> 0..),
+    images directly in root get label -1. Undecodable files are skipped and counted, never fatal.
+
+    Args:
+        root: input directory (ImageFolder layout or flat).
+        out: output folder for <split>-NNNNNN.tar shards and info.json.
+        shard_size: samples per shard.
+        workers: processes that decode/resize/encode (1 = in this process).
+        resize: scale the short side to this many pixels and store PNG; None keeps the original bytes.
+        val_fraction: fraction of files (seeded random choice) written to the val split.
+        seed: seed of the train/val choice.
+        progress: show a progress bar.
+    """
+    if not 0.0 <= val_fraction <= 1.0:
+        raise ValueError(f"val_fraction={val_fraction} must be within [0, 1]")
+    t0 = time.perf_counter()
+    entries, classes = folder_lib.scan(root)
+    n_val = round(val_fraction * len(entries))
+    val_idx = set(np.random.default_rng(seed).permutation(len(entries))[:n_val].tolist())
+    split_of = {e.key: "val" if i in val_idx else "train" for i, e in enumerate(entries)}
+    jobs = [(e, resize) for e in entries]
+    skipped, bad = 0, []
+    with SplitWriter(out, shard_size=shard_size) as writer:
+        pool = Pool(workers) if workers > 1 else None
+        results = (
+            pool.imap(folder_lib.encode_file, jobs, chunksize=16)
+            if pool
+            else map(folder_lib.encode_file, jobs)
+        )
+        try:
+            for entry, data, ext, error in tqdm(
+                results, total=len(jobs), desc="folder", disable=not progress
+            ):
+                if data is None:
+                    skipped += 1
+                    bad.append(f"{entry.path}: {error}")
+                    continue
+                meta = {"complexity": -1, "source": str(entry.path.relative_to(root))}
+                writer.write(
+                    split_of[entry.key], entry.key, image=data, ext=ext, label=entry.label, meta=meta
+                )
+        finally:
+            if pool:
+                pool.close()
+                pool.join()
+        for line in bad[:5]:
+            print(f"folder: skipped {line}")
+        info = {
+            "builder": "folder",
+            "image_size": resize,
+            "classes": classes,
+            "args": {"root": str(Path(root)), "resize": resize, "val_fraction": val_fraction, "seed": seed},
+        }
+        return _finish("folder", writer, info, skipped, t0)
+
+
+COMMANDS = [synthetic, photos, folder]

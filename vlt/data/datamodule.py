@@ -1,0 +1,205 @@
+"""WebDataModule: webdataset shards -> batches, safe under DDP; SkippedSamples logs what was dropped.
+
+Letters: B batch, H, W image side (image_size), N latent slots, C latent channels.
+
+Batches are dicts. kind="images": {"image": (B, 3, H, W) float32 in [-1, 1], "label": (B,) long,
+"complexity": (B,) long, "key": list[str]}. kind="latents": {"latent": (B, N, C) float32, "label",
+"complexity", "k": (B,) long (-1 if absent), "key"}. Decoding and collation run inside the loader
+workers (the DataLoader itself has batch_size=None), so the main process only receives tensors.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from typing import Any, Literal
+
+import lightning as L
+import webdataset as wds
+from lightning.pytorch.callbacks import Callback
+
+from vlt.data.shards import resolve_shards, shard_info
+from vlt.data.stream import (
+    SkipTally,
+    batch_records,
+    collate_images,
+    collate_latents,
+    decode_images,
+    decode_latents,
+)
+from vlt.data.transforms import check_crop
+
+log = logging.getLogger(__name__)
+KINDS: tuple[str, ...] = ("images", "latents")
+WARN_KEYS = 20  # bad keys named in warnings per run; the count keeps going after that
+
+
+class WebDataModule(L.LightningDataModule):
+    """Reads webdataset shards (local paths, brace or glob patterns, lists, `pipe:` urls).
+
+    Train: shards resampled with replacement on every rank and worker (`resampled=True`, no node
+    splitting) and exactly `batches_per_epoch` batches per epoch on EVERY rank, because unequal batch
+    counts hang DDP. The stream is not bit-reproducible (shard draws use fresh randomness).
+    Validation: shards split by rank then by worker, read once in order: every sample exactly once
+    across ranks and workers; ranks may get different batch counts (Lightning allows that in eval).
+
+    Skipped samples (bad bytes, missing members) are counted in `skipped` (this rank's total), warned
+    about with their keys, and logged as `data/skipped` by the `SkippedSamples` callback, which
+    `setup()` adds to the trainer when it is missing.
+
+    Args:
+        train: shard spec of the training set (None: no train loader).
+        val: shard spec of the validation set (None: no val loader).
+        kind: "images" (decoded and transformed) or "latents" (`latent.npy` arrays, stage 2).
+        image_size: output side; the short side is resized to it, then a square crop.
+        batch_size: training batch size per rank.
+        val_batch_size: validation batch size (None: batch_size).
+        num_workers: loader worker processes per rank (0: decode in the main process).
+        batches_per_epoch: training batches per epoch on every rank.
+        shuffle_buffer: samples in the training shuffle buffer (0: no sample shuffling).
+        random_flip: random horizontal flips for training images.
+        crop: "center" or "random" square crop for training images (validation is always centred).
+        seed: seed of the augmentation random numbers (mixed with rank and worker).
+    """
+
+    def __init__(
+        self,
+        *,
+        train: str | list[str] | None = None,
+        val: str | list[str] | None = None,
+        kind: Literal["images", "latents"] = "images",
+        image_size: int = 32,
+        batch_size: int = 32,
+        val_batch_size: int | None = None,
+        num_workers: int = 2,
+        batches_per_epoch: int = 100,
+        shuffle_buffer: int = 1000,
+        random_flip: bool = True,
+        crop: Literal["center", "random"] = "center",
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        if kind not in KINDS:
+            raise ValueError(f"kind={kind!r} is not supported; choose one of {KINDS}")
+        check_crop(crop)
+        if batch_size < 1 or batches_per_epoch < 1:
+            raise ValueError(
+                f"batch_size={batch_size} and batches_per_epoch={batches_per_epoch} must be >= 1"
+            )
+        self.save_hyperparameters()
+        self.train, self.val, self.kind = train, val, kind
+        self.image_size, self.batch_size = image_size, batch_size
+        self.val_batch_size = val_batch_size or batch_size
+        self.num_workers, self.batches_per_epoch = num_workers, batches_per_epoch
+        self.shuffle_buffer, self.random_flip, self.crop, self.seed = shuffle_buffer, random_flip, crop, seed
+        self.skipped = 0
+        self._warned = 0
+        self.train_urls: list[str] | None = None
+        self.val_urls: list[str] | None = None
+
+    def setup(self, stage: str | None = None) -> None:
+        """Resolve the shard specs (a ValueError names a pattern that matches nothing)."""
+        self.train_urls = resolve_shards(self.train) if self.train is not None else None
+        self.val_urls = resolve_shards(self.val) if self.val is not None else None
+        trainer = self.trainer
+        if trainer is not None and not any(isinstance(c, SkippedSamples) for c in trainer.callbacks):
+            trainer.callbacks.append(SkippedSamples())
+
+    @functools.cached_property
+    def info(self) -> dict[str, Any] | None:
+        """info.json of the first train shard's folder (else val's), or None if there is none."""
+        spec = self.train if self.train is not None else self.val
+        return shard_info(resolve_shards(spec)) if spec is not None else None
+
+    def _pipeline(self, dataset: wds.WebDataset, tally: SkipTally, *, train: bool) -> wds.WebDataset:
+        if self.kind == "images":
+            decode = functools.partial(
+                decode_images,
+                tally=tally,
+                size=self.image_size,
+                crop=self.crop if train else "center",
+                flip=self.random_flip and train,
+                seed=self.seed,
+            )
+            collate = collate_images
+        else:
+            decode, collate = functools.partial(decode_latents, tally=tally), collate_latents
+        size = self.batch_size if train else self.val_batch_size
+        batch = functools.partial(
+            batch_records, batch_size=size, partial=not train, tally=tally, collate=collate
+        )
+        return dataset.compose(decode).compose(batch)
+
+    def _loader(self, dataset: wds.WebDataset) -> wds.WebLoader:
+        workers = self.num_workers
+        return wds.WebLoader(dataset, batch_size=None, num_workers=workers, persistent_workers=workers > 0)
+
+    def train_dataloader(self) -> wds.WebLoader:
+        if self.train_urls is None:
+            raise ValueError("WebDataModule has no train shards: pass train=... and call setup() first")
+        tally = SkipTally()
+        # resampled streams are endless, so shardshuffle has no role (False also silences its warning)
+        dataset = wds.WebDataset(
+            self.train_urls, resampled=True, nodesplitter=None, shardshuffle=False, handler=tally.handler
+        )
+        if self.shuffle_buffer > 0:
+            dataset = dataset.shuffle(self.shuffle_buffer)
+        loader = self._loader(self._pipeline(dataset, tally, train=True))
+        # with_epoch on the loader (not the dataset) counts batches of all workers together
+        return loader.with_epoch(self.batches_per_epoch).with_length(self.batches_per_epoch)
+
+    def val_dataloader(self) -> wds.WebLoader:
+        if self.val_urls is None:
+            raise ValueError("WebDataModule has no val shards: pass val=... and call setup() first")
+        tally = SkipTally()
+        dataset = wds.WebDataset(
+            self.val_urls,
+            shardshuffle=False,
+            nodesplitter=wds.split_by_node,
+            workersplitter=wds.split_by_worker,
+            empty_check=False,  # fewer shards than ranks x workers leaves some readers empty
+            handler=tally.handler,
+        )
+        return self._loader(self._pipeline(dataset, tally, train=False))
+
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        """Pop the skip count the workers attached to the batch, add it to `skipped`, warn with keys."""
+        if isinstance(batch, dict) and "n_skipped" in batch:
+            n, keys = int(batch.pop("n_skipped")), batch.pop("skipped_keys", [])
+            self.count_skipped(n, keys)
+        return batch
+
+    def count_skipped(self, n: int, keys: list[str]) -> None:
+        """Add n skipped samples; the first WARN_KEYS bad keys of the run are named in a warning."""
+        if n <= 0:
+            return
+        self.skipped += n
+        if self._warned < WARN_KEYS:
+            shown = keys[: WARN_KEYS - self._warned]
+            self._warned += len(shown)
+            log.warning("skipped %d bad samples (total %d): %s", n, self.skipped, "; ".join(shown))
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"skipped": self.skipped}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.skipped = int(state_dict.get("skipped", 0))
+
+
+class SkippedSamples(Callback):
+    """Logs the datamodule's skip count as `data/skipped` through the LightningModule's logger.
+
+    The count is this rank's running total (the logger shows rank zero's), logged every training
+    step and at the end of each validation epoch, so a validate-only run reports it too.
+    """
+
+    def _log(self, trainer: L.Trainer, pl_module: L.LightningModule, **kw: Any) -> None:
+        skipped = getattr(trainer.datamodule, "skipped", None)
+        if skipped is not None:
+            pl_module.log("data/skipped", float(skipped), batch_size=1, **kw)
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
+        self._log(trainer, pl_module, on_step=True, on_epoch=False)
+
+    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._log(trainer, pl_module, on_epoch=True)

@@ -1,0 +1,120 @@
+"""Shard sets on disk: resolving shard specs for reading, and writing split shard sets.
+
+Layout (img2dataset style): `<out>/train-000000.tar ...`, `<out>/val-000000.tar ...`, `<out>/info.json`.
+Each sample holds `__key__`, an image member (`png`, `jpg`, ...), `cls` (the integer label as text) and
+`json` ({"label", "complexity", "source", ...}). Tar members get a fixed mtime, so the same inputs
+give byte-identical shards.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import braceexpand
+import webdataset as wds
+
+SPLITS: tuple[str, ...] = ("train", "val")
+HINT = "build the embedded sets with `make data` (or `vlt data ...`), or check the path"
+
+
+def _is_remote(spec: str) -> bool:
+    return spec.startswith("pipe:") or "://" in spec
+
+
+def resolve_shards(spec: str | list[str]) -> list[str]:
+    """Expand a shard spec into a list of urls, raising a ValueError that names what matched nothing.
+
+    Accepts a local path, a brace pattern (`x/train-{000000..000009}.tar`), a glob pattern
+    (`x/train-*.tar`, expanded here and sorted, since webdataset does not glob), a list of any of
+    these, and `pipe:`/`scheme://` urls, which are brace-expanded and passed through unchecked.
+    Failing here, at setup, beats a DataLoader that hangs or a worker that dies later.
+    """
+    specs = [spec] if isinstance(spec, str) else list(spec)
+    urls: list[str] = []
+    for item in specs:
+        found: list[str] = []
+        for url in braceexpand.braceexpand(str(item)):
+            if _is_remote(url):
+                found.append(url)
+            elif glob.has_magic(url):
+                found.extend(sorted(glob.glob(url)))
+            elif os.path.isfile(url):
+                found.append(url)
+            else:
+                raise ValueError(f"shard {url!r} (from {item!r}) does not exist (cwd {os.getcwd()}); {HINT}")
+        if not found:
+            raise ValueError(f"shard pattern {item!r} matches no file (cwd {os.getcwd()}); {HINT}")
+        urls.extend(found)
+    if not urls:
+        raise ValueError(f"shard spec {spec!r} is an empty set of shards; {HINT}")
+    return urls
+
+
+def shard_info(urls: list[str]) -> dict[str, Any] | None:
+    """The info.json beside the first local shard, or None (remote shards, or no info.json)."""
+    if not urls or _is_remote(urls[0]):
+        return None
+    path = Path(urls[0]).parent / "info.json"
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+class SplitWriter:
+    """Writes samples into `<out>/<split>-%06d.tar` shards (one ShardWriter per split) and info.json.
+
+    Use as a context manager; `write(split, key, image=..., ext=..., label=..., meta=...)` adds one
+    sample, `counts` and `shards` tell what was written, `close(info)` writes info.json.
+    """
+
+    def __init__(self, out: str | Path, *, shard_size: int) -> None:
+        if shard_size < 1:
+            raise ValueError(f"shard_size={shard_size} must be >= 1")
+        self.out = Path(out)
+        self.out.mkdir(parents=True, exist_ok=True)
+        for old in self.out.glob("*-[0-9][0-9][0-9][0-9][0-9][0-9].tar"):
+            old.unlink()  # a smaller rebuild must not leave stale shards behind for globs to pick up
+        self.shard_size = shard_size
+        self.counts: dict[str, int] = {}
+        self._writers: dict[str, wds.ShardWriter] = {}
+
+    def write(self, split: str, key: str, *, image: bytes, ext: str, label: int, meta: dict) -> None:
+        """Add one sample; `meta` goes into the json member together with label (keys have no dots)."""
+        if split not in SPLITS:
+            raise ValueError(f"split={split!r} is not one of {SPLITS}")
+        if split not in self._writers:
+            pattern = str(self.out / f"{split}-%06d.tar")
+            self._writers[split] = wds.ShardWriter(pattern, maxcount=self.shard_size, verbose=0, mtime=0.0)
+        record = {"label": int(label), **meta}
+        sample = {
+            "__key__": key,
+            ext: image,
+            "cls": str(int(label)).encode(),
+            "json": json.dumps(record, sort_keys=True).encode(),
+        }
+        self._writers[split].write(sample)
+        self.counts[split] = self.counts.get(split, 0) + 1
+
+    @property
+    def shards(self) -> int:
+        """Number of shard files written so far."""
+        return sum(w.shard for w in self._writers.values() if hasattr(w, "shard"))
+
+    def close(self, info: dict[str, Any]) -> int:
+        """Close all shards, write info.json (counts and shard count added); returns the shard count."""
+        n_shards = self.shards
+        for writer in self._writers.values():
+            writer.close()
+        full = {"counts": {s: self.counts.get(s, 0) for s in SPLITS}, "shards": n_shards, **info}
+        (self.out / "info.json").write_text(json.dumps(full, indent=2, sort_keys=True) + "\n")
+        return n_shards
+
+    def __enter__(self) -> SplitWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for writer in self._writers.values():
+            if getattr(writer, "tarstream", None) is not None:
+                writer.finish()

@@ -1,0 +1,95 @@
+"""Image transforms for the data path: bytes -> PIL -> uint8 array -> float batch in [-1, 1].
+
+Letters: B batch, H height, W width (image_size), 3 RGB channels.
+
+Only PIL, numpy and torch (torchvision does not load beside the CPU torch build used here). Samples
+stay uint8 (H, W, 3) until a whole batch exists, then one vectorised conversion makes the float
+tensor: per-sample float conversion is the main per-sample cost on small images.
+"""
+
+from __future__ import annotations
+
+import io
+from typing import Literal
+
+import numpy as np
+import torch
+from PIL import Image
+
+Crop = Literal["center", "random"]
+CROPS: tuple[str, ...] = ("center", "random")
+IMAGE_EXTENSIONS: tuple[str, ...] = ("png", "jpg", "jpeg", "webp")
+
+
+def check_crop(crop: str) -> None:
+    """Raise a ValueError naming `crop` and the allowed values when it is not one of them."""
+    if crop not in CROPS:
+        raise ValueError(f"crop={crop!r} is not supported; choose one of {CROPS}")
+
+
+def decode_image(data: bytes, size: int | None = None) -> Image.Image:
+    """Decode image bytes to an RGB PIL image; raises (OSError, ValueError, ...) on bad bytes.
+
+    `size` lets JPEG decode at a reduced scale (`draft`), which is several times faster for large
+    photos that are resized to a small `size` afterwards anyway.
+    """
+    img = Image.open(io.BytesIO(data))
+    if size is not None and img.format == "JPEG":
+        img.draft("RGB", (size, size))
+    img.load()  # force the full decode here so truncated files fail now, not later
+    return img if img.mode == "RGB" else img.convert("RGB")
+
+
+def resize_short_side(img: Image.Image, size: int) -> Image.Image:
+    """Resize so that the short side equals `size` (aspect ratio kept); no-op when it already does."""
+    w, h = img.size
+    if min(w, h) == size:
+        return img
+    scale = size / min(w, h)
+    new = (max(size, round(w * scale)), max(size, round(h * scale)))
+    return img.resize(new, Image.Resampling.BICUBIC, reducing_gap=3.0)
+
+
+def crop_square(
+    arr: np.ndarray, size: int, crop: Crop = "center", rng: np.random.Generator | None = None
+) -> np.ndarray:
+    """Square `size` crop of an (H', W', 3) array whose short side is `size`: centred or random."""
+    h, w = arr.shape[:2]
+    if h == size and w == size:
+        return arr
+    if crop == "random":
+        rng = rng if rng is not None else np.random.default_rng()
+        top = int(rng.integers(0, h - size + 1))
+        left = int(rng.integers(0, w - size + 1))
+    else:
+        top, left = (h - size) // 2, (w - size) // 2
+    return arr[top : top + size, left : left + size]
+
+
+def image_array(
+    data: bytes,
+    size: int,
+    *,
+    crop: Crop = "center",
+    flip: bool = False,
+    rng: np.random.Generator | None = None,
+) -> np.ndarray:
+    """Image bytes -> uint8 (size, size, 3): decode, resize short side, crop, optional random h-flip."""
+    img = resize_short_side(decode_image(data, size), size)
+    arr = crop_square(np.asarray(img), size, crop, rng)  # (H, W, 3) uint8
+    if flip and (rng if rng is not None else np.random.default_rng()).random() < 0.5:
+        arr = arr[:, ::-1]
+    return arr
+
+
+def to_unit_range(images: np.ndarray | torch.Tensor) -> torch.Tensor:
+    """uint8 (B, H, W, 3) -> float32 (B, 3, H, W) in [-1, 1]: x / 127.5 - 1 (0 -> -1, 255 -> 1)."""
+    x = torch.as_tensor(np.ascontiguousarray(images))  # (B, H, W, 3) uint8
+    x = x.permute(0, 3, 1, 2).to(torch.float32)  # (B, 3, H, W)
+    return x.div_(127.5).sub_(1.0)
+
+
+def to_uint8(images: torch.Tensor) -> np.ndarray:
+    """Inverse of `to_unit_range`: float (B, 3, H, W) in [-1, 1] -> uint8 (B, H, W, 3), rounded."""
+    x = ((images.detach().float().clamp(-1, 1) + 1) * 127.5).round()  # (B, 3, H, W)
+    return x.to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
