@@ -223,4 +223,22 @@ def folder(
         return _finish("folder", writer, info, skipped, t0)
 
 
+def embedded_shards(root: str = "data", *, build: bool = True, progress: bool = False) -> dict[str, Path]:
+    """Folders of the embedded sets {"synthetic": root/synthetic/shards, "photos": ...}.
+
+    A set whose info.json is missing is built with the defaults of `make data` when `build` is true
+    (same defaults, same bytes), else a ValueError says to run `make data`.
+    """
+    builders = {"synthetic": synthetic, "photos": photos}
+    folders = {}
+    for name, build_set in builders.items():
+        out = Path(root) / name / "shards"
+        if not (out / "info.json").is_file():
+            if not build:
+                raise ValueError(f"{out} has no shards; run `make data`")
+            build_set(out=str(out), progress=progress)
+        folders[name] = out
+    return folders
+
+
 COMMANDS = [synthetic, photos, folder]

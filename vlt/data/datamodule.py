@@ -146,7 +146,7 @@ class WebDataModule(L.LightningDataModule):
             dataset = dataset.shuffle(self.shuffle_buffer)
         loader = self._loader(self._pipeline(dataset, tally, train=True))
         # with_epoch on the loader (not the dataset) counts batches of all workers together
-        return loader.with_epoch(self.batches_per_epoch).with_length(self.batches_per_epoch)
+        return loader.with_epoch(self.batches_per_epoch).with_length(self.batches_per_epoch, silent=True)
 
     def val_dataloader(self) -> wds.WebLoader:
         if self.val_urls is None:

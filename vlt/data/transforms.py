@@ -84,7 +84,10 @@ def image_array(
 
 def to_unit_range(images: np.ndarray | torch.Tensor) -> torch.Tensor:
     """uint8 (B, H, W, 3) -> float32 (B, 3, H, W) in [-1, 1]: x / 127.5 - 1 (0 -> -1, 255 -> 1)."""
-    x = torch.as_tensor(np.ascontiguousarray(images))  # (B, H, W, 3) uint8
+    if isinstance(images, np.ndarray):
+        images = np.ascontiguousarray(images)
+        images = torch.from_numpy(images if images.flags.writeable else images.copy())
+    x = images  # (B, H, W, 3) uint8
     x = x.permute(0, 3, 1, 2).to(torch.float32)  # (B, 3, H, W)
     return x.div_(127.5).sub_(1.0)
 
@@ -93,3 +96,15 @@ def to_uint8(images: torch.Tensor) -> np.ndarray:
     """Inverse of `to_unit_range`: float (B, 3, H, W) in [-1, 1] -> uint8 (B, H, W, 3), rounded."""
     x = ((images.detach().float().clamp(-1, 1) + 1) * 127.5).round()  # (B, 3, H, W)
     return x.to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+
+
+def image_grid(images: torch.Tensor, ncol: int = 8, pad: int = 1) -> np.ndarray:
+    """Tile float (B, 3, H, W) images in [-1, 1] into one uint8 (rows*(H+pad), ncol*(W+pad), 3) array."""
+    arr = to_uint8(images)  # (B, H, W, 3)
+    b, h, w, _ = arr.shape
+    rows = -(-b // ncol)
+    grid = np.full((rows * (h + pad), ncol * (w + pad), 3), 255, dtype=np.uint8)
+    for i in range(b):
+        r, c = divmod(i, ncol)
+        grid[r * (h + pad) : r * (h + pad) + h, c * (w + pad) : c * (w + pad) + w] = arr[i]
+    return grid
