@@ -28,8 +28,10 @@ SAMPLERS = ("euler", "heun")
 
 def pooled_noise(b: int, gbar: Tensor, c: int, generator: torch.Generator | None = None) -> Tensor:
     """Gbar^T eps, eps ~ N(0, I_N) per channel. gbar: (N, K) or (B, N, K) -> (B, K, C), var 1/m_j."""
-    eps = torch.randn(b, gbar.shape[-2], c, generator=generator, device=gbar.device)  # (B, N, C)
-    return merge(eps, gbar)  # (B, K, C)
+    # Drawn on the generator's device, so one seed gives the same noise whatever device gbar is on.
+    device = generator.device if generator is not None else gbar.device
+    eps = torch.randn(b, gbar.shape[-2], c, generator=generator, device=device)  # (B, N, C)
+    return merge(eps.to(gbar.device), gbar)  # (B, K, C)
 
 
 def token_weights(sizes: Tensor) -> Tensor:
