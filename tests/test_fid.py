@@ -10,6 +10,7 @@ from torchmetrics.image.fid import FrechetInceptionDistance
 
 from vlt.metrics import (
     FlopsReport,
+    FrechetDistance,
     ProxyExtractor,
     RealStats,
     RealStatsKey,
@@ -52,15 +53,18 @@ def test_torchmetrics_fid_matches_scipy_sqrtm():
     torch.manual_seed(0)
     real = torch.randn(400, 8, dtype=torch.float64)
     fake = torch.randn(300, 8, dtype=torch.float64) @ torch.randn(8, 8, dtype=torch.float64) * 0.5 + 0.3
-    fid = FrechetInceptionDistance(feature=Flatten(), reset_real_features=False)
-    fid.update(real, real=True)
-    fid.update(fake, real=False)
+    fid = FrechetDistance(feature=Flatten(), reset_real_features=False)
+    stock = FrechetInceptionDistance(feature=Flatten(), reset_real_features=False)
+    for metric in (fid, stock):
+        metric.update(real, real=True)
+        metric.update(fake, real=False)
     ours = float(fid.compute())
     mu1, mu2 = real.mean(0).numpy(), fake.mean(0).numpy()
     s1, s2 = np.cov(real.numpy(), rowvar=False), np.cov(fake.numpy(), rowvar=False)
     reference = frechet_distance(mu1, s1, mu2, s2)
     assert reference > 1.0
     assert abs(ours - reference) / reference < 1e-3
+    assert abs(float(stock.compute()) - reference) / reference < 1e-3
 
 
 def test_proxy_extractor_is_fixed_and_deterministic():
@@ -100,7 +104,7 @@ def test_cached_real_stats_are_reused(tmp_path):
 
     def evaluate():
         extractor = Counting()
-        fid = FrechetInceptionDistance(feature=extractor, reset_real_features=False)
+        fid = FrechetDistance(feature=extractor, reset_real_features=False)
         computed = cache.prepare(fid, key, real)
         real_seen = extractor.seen
         fid.update(fake, real=False)

@@ -1,6 +1,7 @@
 """Evaluation metrics: FID (torchmetrics, Inception or a named proxy), cached real statistics, rate."""
 
 from vlt.metrics.fid import (
+    FrechetDistance,
     InceptionExtractor,
     ProxyExtractor,
     build_fid,
@@ -14,6 +15,7 @@ from vlt.metrics.real_stats import RealStats, RealStatsKey
 
 __all__ = [
     "FlopsReport",
+    "FrechetDistance",
     "InceptionExtractor",
     "ProxyExtractor",
     "RealStats",
