@@ -191,3 +191,20 @@ def test_bad_options_raise() -> None:
         Merger(mode="lgm", n_slots=N, grid=(64,))
     with pytest.raises(ValueError, match="K=8"):
         _merger("none")(torch.randn(1, N, C), 8)
+
+
+def test_cut_levels_match_scipy_cut_tree() -> None:
+    """Our replay of the merges gives scipy's cut_tree partitions (K < N, where cut_tree is right)."""
+    import numpy as np
+    from scipy.cluster.hierarchy import cut_tree, linkage
+
+    from vlt.models.merging import cut_levels
+
+    rng = np.random.default_rng(0)
+    tree = linkage(rng.normal(size=(N, 3)), method="average")
+    ks = list(range(1, N))
+    ours, ref = cut_levels(tree, N, ks), cut_tree(tree, n_clusters=ks)
+    for col, k in enumerate(ks):
+        same = (ref[:, col][:, None] == ref[:, col][None, :]) == (ours[k][:, None] == ours[k][None, :])
+        assert same.all(), k
+    assert np.array_equal(cut_levels(tree, N, [N])[N], np.arange(N))

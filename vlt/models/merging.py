@@ -18,7 +18,7 @@ from typing import Literal, NamedTuple
 import numpy as np
 import torch
 import torch.nn.functional as F
-from scipy.cluster.hierarchy import cut_tree, linkage
+from scipy.cluster.hierarchy import linkage
 from scipy.spatial.distance import squareform
 from torch import Tensor, nn
 
@@ -47,22 +47,48 @@ def _relabel(labels: np.ndarray) -> np.ndarray:
 
 def similarity(
     e: Tensor, *, noise: float = 0.0, blocks: int = 1, generator: torch.Generator | None = None
-) -> Tensor:
-    """(N, N) float64 CPU cosine similarity of e (N, E), with symmetric clamped-Gaussian noise
-    (times `noise`) and cross-block pairs set to CROSS_BLOCK_SIMILARITY when blocks > 1."""
+) -> np.ndarray:
+    """(N, N) float64 cosine similarity of e (N, E), with symmetric clamped-Gaussian noise
+    (times `noise`) and cross-block pairs set to CROSS_BLOCK_SIMILARITY when blocks > 1.
+
+    The product runs on e's device; the O(N^2) elementwise work runs in numpy, which stays fast
+    where many small multi-threaded torch kernels on a busy CPU do not.
+    """
     n = e.shape[0]
-    en = F.normalize(e.detach().double().cpu(), dim=-1)
-    sim = en @ en.T  # (N, N)
+    en = F.normalize(e.detach().float(), dim=-1)
+    sim = (en @ en.T).double().cpu().numpy()  # (N, N)
     if noise > 0:
-        g = torch.randn(n, n, generator=generator, dtype=torch.float64).clamp(-1.0, 1.0) * noise
-        g = g.triu(1)
+        g = torch.randn(n, n, generator=generator).numpy().astype(np.float64)
+        g = np.triu(np.clip(g, -1.0, 1.0) * noise, 1)
         sim = sim + g + g.T
     if blocks > 1:
         if n % blocks:
             raise ValueError(f"{n} slots do not split into {blocks} equal blocks")
-        block = torch.arange(n) // (n // blocks)
-        sim = sim.masked_fill(block[:, None] != block[None, :], CROSS_BLOCK_SIMILARITY)
+        block = np.arange(n) // (n // blocks)
+        sim = np.where(block[:, None] != block[None, :], CROSS_BLOCK_SIMILARITY, sim)
     return sim
+
+
+def cut_levels(tree: np.ndarray, n: int, ks: Sequence[int]) -> dict[int, np.ndarray]:
+    """Exact cuts of a linkage tree: replay its first N - K merges for each K (nested by construction).
+
+    Same result as scipy's `cut_tree` for a monotone linkage such as average, but exact at K = N too
+    (cut_tree returns one cluster there on scipy 1.17) and O(N^2) numpy-free Python instead of
+    cut_tree's much slower full-tree pass. Labels are numbered by smallest member slot.
+    """
+    want = {n - int(k): int(k) for k in ks}
+    members: dict[int, list[int]] = {i: [i] for i in range(n)}
+    out = {}
+    for step in range(max(want) + 1):
+        if step in want:
+            labels = np.empty(n, dtype=np.int64)
+            for c, slots in enumerate(members.values()):
+                labels[slots] = c
+            out[want[step]] = _relabel(labels)
+        if step < n - 1:
+            a, b = int(tree[step, 0]), int(tree[step, 1])
+            members[n + step] = members.pop(a) + members.pop(b)
+    return dict(sorted(out.items()))
 
 
 def hierarchy(
@@ -83,25 +109,18 @@ def hierarchy(
         generator: CPU generator for the noise.
 
     Returns:
-        {K: assign (N,) long on e's device}, cluster ids in [0, K) numbered by smallest member slot.
+        {K: assign (N,) long on e's device}, sorted by K, cluster ids in [0, K) numbered by smallest
+        member slot.
     """
     n = e.shape[0]
     bad = [k for k in ks if not 1 <= k <= n]
-    if bad:
-        raise ValueError(f"cluster counts {bad} are outside [1, {n}]")
-    dist = (1.0 - similarity(e, noise=noise, blocks=blocks, generator=generator)).clamp_min(0.0)
-    dist.fill_diagonal_(0.0)
-    tree = linkage(squareform(dist.numpy(), checks=False), method="average")
-    # K = N is the identity; scipy's cut_tree returns one cluster for it (checked on scipy 1.17).
-    out = {n: torch.arange(n, device=e.device)} if n in ks else {}
-    ks = sorted({int(k) for k in ks} - {n})
-    cuts = cut_tree(tree, n_clusters=ks) if ks else np.zeros((n, 0), dtype=np.int64)  # (N, len(ks))
-    for col, k in enumerate(ks):
-        labels = _relabel(cuts[:, col])
-        if labels.max() + 1 != k:  # cut_tree is exact for monotone (average) linkage; guard anyway
-            raise RuntimeError(f"tree cut gave {labels.max() + 1} clusters instead of {k}")
-        out[k] = torch.from_numpy(labels).long().to(e.device)
-    return dict(sorted(out.items()))
+    if bad or not ks:
+        raise ValueError(f"cluster counts {list(ks)} must be a non-empty list of K in [1, {n}]")
+    dist = np.clip(1.0 - similarity(e, noise=noise, blocks=blocks, generator=generator), 0.0, None)
+    np.fill_diagonal(dist, 0.0)
+    tree = linkage(squareform(dist, checks=False), method="average") if n > 1 else np.zeros((0, 4))
+    cuts = cut_levels(tree, n, ks)
+    return {k: torch.from_numpy(a).to(e.device) for k, a in cuts.items()}
 
 
 def straight_through(e: Tensor, assign: Tensor, k: int, tau: float = 0.1) -> Tensor:
