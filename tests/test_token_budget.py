@@ -1,0 +1,177 @@
+"""TokenBudgetCallback on a small real LightningModule: scalars, figures, CSV/JSON; DDP = 1 process."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import lightning.pytorch as pl
+import pytest
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from vlt.callbacks import TokenBudgetCallback, token_budget
+from vlt.metrics import FrechetDistance, build_fid
+
+
+class Shapes(Dataset):
+    """Smooth coloured patterns: a tiny in-memory image set with labels."""
+
+    def __init__(self, n: int = 32, size: int = 32):
+        g = torch.Generator().manual_seed(0)
+        yy, xx = torch.meshgrid(torch.linspace(-1, 1, size), torch.linspace(-1, 1, size), indexing="ij")
+        freq = torch.rand(n, 3, 1, 1, generator=g) * 6 + 1
+        phase = torch.rand(n, 3, 1, 1, generator=g) * 6
+        self.images = torch.sin(freq * xx + phase) * torch.cos(freq * yy - phase)  # (n, 3, H, W)
+        self.labels = torch.arange(n) % 4
+
+    def __len__(self):
+        return len(self.images)
+
+    def __getitem__(self, i):
+        return {"image": self.images[i], "label": self.labels[i]}
+
+
+class TinyAutoencoder(pl.LightningModule):
+    """A conv autoencoder whose budget reconstruction degrades as 1/k: better with more tokens."""
+
+    def __init__(self, width: int = 8):
+        super().__init__()
+        self.encoder = nn.Conv2d(3, width, 3, padding=1)
+        self.decoder = nn.Conv2d(width, 3, 3, padding=1)
+        self.embed = nn.Embedding(4, width)
+
+    def forward(self, x):
+        return torch.tanh(self.decoder(F.gelu(self.encoder(x))))
+
+    def training_step(self, batch, batch_idx):
+        loss = F.mse_loss(self(batch["image"]), batch["image"])
+        self.log("train/loss", loss)
+        return loss
+
+    def validation_step(self, batch, batch_idx):
+        self.log("val/loss", F.mse_loss(self(batch["image"]), batch["image"]))
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.01)
+
+    # BudgetModule protocol
+    def budget_reconstruct(self, images, k):
+        assert not self.training and not torch.is_grad_enabled()
+        # A fixed, image-dependent error (no RNG) shrinking as 1/k: the same on any split over ranks.
+        return images + (self(images) - images + torch.sin(40 * images)) / k
+
+    def budget_generate(self, labels, k, cfg_scale, generator):
+        z = torch.randn(
+            len(labels), self.encoder.out_channels, 32, 32, generator=generator, device=self.device
+        )
+        z = z / k + cfg_scale * self.embed(labels)[:, :, None, None]
+        return torch.tanh(self.decoder(z))
+
+    def budget_flops(self, k, task, cfg_scale):
+        return 1e6 * k * (2 if task == "generate" and cfg_scale != 1.0 else 1)
+
+    def budget_tokens(self, k):
+        return float(k)
+
+
+def fit(root, logger, **kwargs) -> tuple[pl.Trainer, TokenBudgetCallback]:
+    torch.manual_seed(0)
+    options = {"ks": [4, 16], "every_n_steps": 1, "every_n_epochs": None, "num_images": 16, "batch_size": 8}
+    options |= {"cache_dir": str(root / "fid_cache"), "dataset_id": "shapes-val"}
+    callback = TokenBudgetCallback(**(options | kwargs))
+    data = Shapes()
+    trainer = pl.Trainer(
+        default_root_dir=root, max_steps=2, logger=logger, callbacks=[callback], accelerator="cpu", devices=1,
+        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+        num_sanity_val_steps=0, limit_val_batches=2, val_check_interval=2,
+    )  # fmt: skip
+    trainer.fit(TinyAutoencoder(), DataLoader(data, batch_size=8), DataLoader(data, batch_size=8))
+    return trainer, callback
+
+
+def read_rows(folder):
+    with (folder / "curves" / "budget.csv").open() as f:
+        return list(csv.DictReader(f))
+
+
+def test_callback_logs_scalars_figures_and_curve_files(tmp_path):
+    logger = TensorBoardLogger(tmp_path, name="run", version="")
+    options = {"metrics": ["psnr", "rfid", "gfid"], "cfg_scales": [1.0, 2.0], "every_n_steps": None}
+    trainer, _ = fit(tmp_path, logger, **options)  # evaluates once, at the end of fit
+    run_dir = tmp_path / "run"
+    events = EventAccumulator(str(run_dir), size_guidance={"scalars": 0, "images": 0, "tensors": 0})
+    events.Reload()
+    scalars, images = set(events.Tags()["scalars"]), set(events.Tags()["images"])
+    for k in (4, 16):
+        for name in ("psnr", "rfid_proxy", "tokens", "tflops"):
+            assert f"budget/{name}@k{k}" in scalars
+        for w in ("1", "2"):
+            assert f"budget/gfid_proxy@k{k}_w{w}" in scalars and f"budget/gen_tflops@k{k}_w{w}" in scalars
+    assert {"budget/curve_vs_tokens", "budget/curve_vs_flops"} <= images
+    assert len(events.Images("budget/curve_vs_tokens")) == 1
+    assert "custom_scalars__config__" in events.Tags()["tensors"]
+    # Proxy features never masquerade as FID.
+    logged = scalars | set(trainer.callback_metrics) | images
+    assert not [n for n in logged if ("fid@" in n or "/fid" in n) and "_proxy" not in n]
+    # More tokens, better reconstruction; FLOPs are the module's.
+    psnr = {k: events.Scalars(f"budget/psnr@k{k}")[-1].value for k in (4, 16)}
+    rfid = {k: events.Scalars(f"budget/rfid_proxy@k{k}")[-1].value for k in (4, 16)}
+    assert psnr[16] > psnr[4] and rfid[16] < rfid[4]
+    assert events.Scalars("budget/gen_tflops@k4_w2")[-1].value == pytest.approx(8e-6)
+    assert events.Scalars("budget/tokens@k16")[-1].step == 2
+    rows = read_rows(run_dir)
+    assert [(int(r["step"]), int(r["k"])) for r in rows] == [(2, 4), (2, 16)]
+    assert {"tokens", "flops", "psnr", "rfid_proxy", "gfid_proxy_w2", "flops_gfid_proxy_w2"} <= set(rows[0])
+    latest = json.loads((run_dir / "curves" / "budget_latest.json").read_text())
+    assert latest["step"] == 2 and [r["k"] for r in latest["rows"]] == [4, 16]
+
+
+def counting_fid() -> tuple[FrechetDistance, list[int]]:
+    """A proxy FID that records how many real images it extracts features from."""
+    fid, real_images = build_fid("proxy"), []
+    update = fid.update
+
+    def counted(imgs, real):
+        if real:
+            real_images.append(len(imgs))
+        return update(imgs, real=real)
+
+    fid.update = counted
+    return fid, real_images
+
+
+def test_real_stats_cached_across_evaluations_and_runs(tmp_path, monkeypatch):
+    fids = [counting_fid(), counting_fid()]
+    monkeypatch.setattr(token_budget, "build_fid", lambda *args: fids.pop(0)[0])
+    counts = [fids[0][1], fids[1][1]]
+    fit(tmp_path, TensorBoardLogger(tmp_path, name="a", version=""), metrics=["rfid"])
+    cache_files = list((tmp_path / "fid_cache").glob("*.npz"))
+    assert len(cache_files) == 1 and "shapes-val" in cache_files[0].name
+    fit(tmp_path, TensorBoardLogger(tmp_path, name="b", version=""), metrics=["rfid"])
+    assert sum(counts[0]) == 16  # two evaluations, real features computed once
+    assert sum(counts[1]) == 0  # a second run reads them from disk
+    rows_a, rows_b = read_rows(tmp_path / "a"), read_rows(tmp_path / "b")
+    assert len(rows_a) == 4
+    assert [float(r["rfid_proxy"]) for r in rows_a] == pytest.approx([float(r["rfid_proxy"]) for r in rows_b])
+
+
+def test_callback_without_tensorboard_still_writes_files(tmp_path):
+    fit(tmp_path, CSVLogger(tmp_path, name="csv", version=""), metrics=["psnr"])
+    rows = read_rows(tmp_path / "csv")
+    # One row per K per evaluation (steps 1 and 2; fit end is step 2 again, not repeated).
+    assert [(int(r["step"]), int(r["k"])) for r in rows] == [(1, 4), (1, 16), (2, 4), (2, 16)]
+    assert "rfid_proxy" not in rows[0] and float(rows[0]["psnr"]) > 0
+
+
+def test_callback_validates_its_options():
+    with pytest.raises(ValueError, match=r"unknown metric 'lpips'; expected a subset of \('psnr'"):
+        TokenBudgetCallback(ks=[4], metrics=["lpips"])  # type: ignore[list-item]
+    with pytest.raises(ValueError, match="unknown extractor 'clip'"):
+        TokenBudgetCallback(ks=[4], extractor="clip")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="non-empty"):
+        TokenBudgetCallback(ks=[])

@@ -1,0 +1,164 @@
+"""Token-budget curves on disk (CSV + JSON beside a run), their figures, and `vlt curves`.
+
+A curve is a list of rows, one per K: step, epoch, k, tokens (per image), flops (per image) and one
+column per metric (psnr, rfid_proxy, gfid_proxy_w1.5, ...). A generation metric column `c` may carry
+its own FLOPs in `flops_c` (sampling costs differ from reconstruction and between guidance scales).
+
+    vlt curves runs/a runs/b --out curves.png [--metric rfid_proxy]
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+from matplotlib.figure import Figure
+
+CURVES_DIR = "curves"
+CSV_NAME = "budget.csv"
+JSON_NAME = "budget_latest.json"
+BASE_COLUMNS = ("step", "epoch", "k", "tokens", "flops")
+Row = Mapping[str, Any]
+
+
+def metric_columns(rows: Sequence[Row]) -> list[str]:
+    """Metric columns in first-seen order (everything but the base columns and FLOPs columns)."""
+    seen: dict[str, None] = {}
+    for row in rows:
+        for key in row:
+            if key not in BASE_COLUMNS and not key.startswith("flops"):
+                seen[key] = None
+    return list(seen)
+
+
+def x_value(row: Row, column: str, x: Literal["tokens", "flops"]) -> float:
+    """The x coordinate of `column` in `row`: tokens, or the FLOPs that produced that metric."""
+    if x == "tokens":
+        return float(row["tokens"])
+    return float(row.get(f"flops_{column}", row["flops"]))
+
+
+def write_curve(directory: str | Path, rows: Sequence[Row], meta: Mapping[str, Any]) -> Path:
+    """Append `rows` to curves/budget.csv and replace curves/budget_latest.json; returns the folder.
+
+    A CSV whose header lacks a new column is rewritten with the union of columns, so one file
+    holds every evaluation of the run even when the metrics change on resume.
+    """
+    folder = Path(directory) / CURVES_DIR
+    folder.mkdir(parents=True, exist_ok=True)
+    csv_path = folder / CSV_NAME
+    old_rows: list[dict[str, Any]] = []
+    fields = list(BASE_COLUMNS)
+    if csv_path.is_file():
+        with csv_path.open(newline="") as f:
+            reader = csv.DictReader(f)
+            fields = list(reader.fieldnames or fields)
+            old_rows = list(reader)
+    new_fields = [key for row in rows for key in row if key not in fields]
+    fields += list(dict.fromkeys(new_fields))
+    mode = "a" if csv_path.is_file() and not new_fields else "w"
+    with csv_path.open(mode, newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=fields, restval="")
+        if mode == "w":
+            writer.writeheader()
+            writer.writerows(old_rows)
+        writer.writerows(rows)
+    latest = {**meta, "rows": [dict(row) for row in rows]}
+    (folder / JSON_NAME).write_text(json.dumps(latest, indent=1))
+    return folder
+
+
+def find_latest(run_dir: str | Path) -> Path:
+    """The newest curves/budget_latest.json under `run_dir`, or a ValueError that says how to make one."""
+    run = Path(run_dir)
+    direct = run / CURVES_DIR / JSON_NAME
+    found = [direct] if direct.is_file() else sorted(run.rglob(f"{CURVES_DIR}/{JSON_NAME}"))
+    if not found:
+        raise ValueError(
+            f"no token-budget curve in {run} (looked for {CURVES_DIR}/{JSON_NAME}): curves are written by "
+            "vlt.callbacks.TokenBudgetCallback during `vlt fit` or `vlt validate`; add it to the config's "
+            "trainer.callbacks and point `vlt curves` at the run directory (runs/<name>)."
+        )
+    return max(found, key=lambda p: p.stat().st_mtime)
+
+
+def draw_curves(ax, curves: Mapping[str, Sequence[Row]], column: str, x: Literal["tokens", "flops"]) -> None:
+    """Draw `column` of every curve (one line per label) against tokens or FLOPs into `ax`."""
+    if x not in ("tokens", "flops"):
+        raise ValueError(f"unknown x axis {x!r}; expected one of ('tokens', 'flops')")
+    for label, rows in curves.items():
+        points = sorted(
+            (x_value(row, column, x), float(row[column])) for row in rows if row.get(column) not in (None, "")
+        )
+        if points:
+            xs, ys = zip(*points)
+            ax.plot(xs, ys, marker="o", label=label)
+    ax.set_xscale("log", base=2 if x == "tokens" else 10)
+    ax.set_xlabel("tokens per image" if x == "tokens" else "FLOPs per image")
+    ax.set_ylabel(column)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize="small")
+
+
+def plot_curves(
+    curves: Mapping[str, Sequence[Row]], columns: Sequence[str], *, x: Literal["tokens", "flops"]
+) -> Figure:
+    """One panel per metric column, one line per curve label, against tokens or FLOPs per image."""
+    figure = Figure(figsize=(4.2 * max(len(columns), 1), 3.4), layout="constrained")
+    axes = figure.subplots(1, max(len(columns), 1), squeeze=False)[0]
+    for ax, column in zip(axes, columns):
+        draw_curves(ax, curves, column, x)
+    return figure
+
+
+def markdown_table(curves: Mapping[str, Sequence[Row]], columns: Sequence[str]) -> str:
+    lines = ["| run | k | tokens | GFLOPs | " + " | ".join(columns) + " |"]
+    lines.append("|---|---:|---:|---:|" + "---:|" * len(columns))
+    for label, rows in curves.items():
+        for row in sorted(rows, key=lambda r: float(r["k"])):
+            values = [f"{float(row[c]):.4g}" if row.get(c) not in (None, "") else "" for c in columns]
+            lines.append(
+                f"| {label} | {int(float(row['k']))} | {float(row['tokens']):.4g} | "
+                f"{float(row['flops']) / 1e9:.4g} | " + " | ".join(values) + " |"
+            )
+    return "\n".join(lines)
+
+
+def curves(runs: list[str], out: str = "curves.png", metric: str | None = None) -> str:
+    """Overlay the latest token-budget curve of each run: metric vs tokens and vs FLOPs.
+
+    Args:
+        runs: run directories (runs/<name>) that a TokenBudgetCallback wrote curves into.
+        out: the PNG to write; a markdown table goes beside it (same name, .md).
+        metric: the column to plot (e.g. rfid_proxy, gfid_proxy, psnr); default: the first FID-like
+            column of the first run, else its first metric.
+
+    Returns:
+        The markdown table (also printed).
+    """
+    if not runs:
+        raise ValueError("give at least one run directory")
+    loaded = {}
+    for run in runs:
+        label = Path(run).resolve().name
+        loaded[label if label not in loaded else run] = json.loads(find_latest(run).read_text())["rows"]
+    available = metric_columns([row for rows in loaded.values() for row in rows])
+    if metric is None:
+        fid_like = [c for c in available if "fid" in c]
+        metric = (fid_like or available or [None])[0]
+    if metric is None or metric not in available:
+        raise ValueError(f"metric {metric!r} is not in the curves; available: {available}")
+    figure = Figure(figsize=(9, 3.6), layout="constrained")
+    for ax, x in zip(figure.subplots(1, 2), ("tokens", "flops")):
+        draw_curves(ax, loaded, metric, x)
+    out_path = Path(out)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(out_path, dpi=110)
+    table = markdown_table(loaded, [metric])
+    out_path.with_suffix(".md").write_text(table + "\n")
+    print(table)
+    print(f"wrote {out_path} and {out_path.with_suffix('.md')}")
+    return table
