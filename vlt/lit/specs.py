@@ -1,0 +1,86 @@
+"""Typed argument groups of the Lightning systems (the YAML schema of `model.init_args`).
+
+Each dataclass mirrors the keyword arguments of one pure-torch piece, so a config reads as
+`merge: {mode: lgm, grid: [4, 8, 16, 32]}` while checkpoints stay loadable without the CLI
+(`save_hyperparameters` stores plain dataclasses).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+
+from torch import nn, optim
+
+from vlt.models.merging import MergeMode
+
+
+@dataclass
+class MergeSpec:
+    """Arguments of `vlt.models.merging.Merger` (minus N and C, taken from the tokenizer) + the K policy.
+
+    Args:
+        full_k_fraction: the first fraction of training steps runs at K = N (no merge, no drop). Merging
+            from step 0 rewards redundant slots and collapsed the tiny recipe; the paper merges throughout
+            (0.0) at scale.
+    """
+
+    mode: MergeMode = "lgm"
+    grid: list[int] = field(default_factory=lambda: [4, 8, 16, 32])
+    grid_weights: list[float] | None = None
+    embed_dim: int = 64
+    noise: float = 0.1
+    blocks: int = 1
+    tau: float = 0.1
+    margin: float = 0.25
+    fixed_k: int | None = None
+    init_std: float = 0.02
+    full_k_fraction: float = 0.4
+
+    def merger_kwargs(self) -> dict:
+        kwargs = asdict(self)
+        kwargs.pop("full_k_fraction")
+        return kwargs
+
+
+@dataclass
+class LossSpec:
+    """Weights of `vlt.objectives.recon.ReconLoss`."""
+
+    l2: float = 1.0
+    kl: float = 1e-6
+    align: float = 0.25
+    perceptual: float = 0.0
+    perceptual_weights: str | None = None
+
+
+@dataclass
+class OptimSpec:
+    """AdamW with linear warm-up and cosine decay to `min_lr_ratio * lr` over `trainer.max_steps`."""
+
+    lr: float = 3e-3
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.95)
+    warmup_steps: int = 200
+    min_lr_ratio: float = 0.05
+
+    def build(self, params, total_steps: int) -> dict:
+        """Optimizer + per-step scheduler in Lightning's `configure_optimizers` format."""
+        opt = optim.AdamW(params, lr=self.lr, weight_decay=self.weight_decay, betas=self.betas)
+        warmup, total = self.warmup_steps, max(total_steps, self.warmup_steps + 1)
+
+        def factor(step: int) -> float:
+            if step < warmup:
+                return (step + 1) / warmup
+            progress = min(1.0, (step - warmup) / (total - warmup))
+            return self.min_lr_ratio + (1 - self.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+        sched = optim.lr_scheduler.LambdaLR(opt, factor)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+
+def param_groups(module: nn.Module, weight_decay: float) -> list[dict]:
+    """No weight decay on biases, norms and embeddings (tensors with < 2 dims)."""
+    decay = [p for p in module.parameters() if p.requires_grad and p.ndim >= 2]
+    no_decay = [p for p in module.parameters() if p.requires_grad and p.ndim < 2]
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]

@@ -1,0 +1,184 @@
+"""Stage 1 system: the 1D tokenizer with learnable global merging (or a baseline), trained end to end.
+
+Letters: B batch, N slots, K merged tokens, C channels.
+
+A thin LightningModule: the networks are pure torch (`vlt.models`), the loss is `vlt.objectives`;
+this file only samples K, wires the step, logs and saves the merge table with every checkpoint.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torchmetrics import MeanMetric
+
+from vlt.lit.specs import LossSpec, MergeSpec, OptimSpec, param_groups
+from vlt.metrics.rate import transformer_flops
+from vlt.models.merge_ops import MergeTable
+from vlt.models.merging import Merger, MergeResult, hierarchy
+from vlt.models.tokenizer import Tokenizer, TokenizerConfig
+from vlt.objectives.recon import ReconLoss, psnr
+
+
+class LitTokenizer(L.LightningModule):
+    """Tokenizer + merger + reconstruction loss.
+
+    Args:
+        tokenizer: the network's config (`vlt.models.TokenizerConfig`).
+        merge: merge mode, K grid and K policy (`MergeSpec`).
+        loss: loss weights (`LossSpec`).
+        optim: optimizer and schedule (`OptimSpec`).
+        val_ks: the K values evaluated in validation (default: the grid plus N).
+    """
+
+    def __init__(
+        self,
+        *,
+        tokenizer: TokenizerConfig | None = None,
+        merge: MergeSpec | None = None,
+        loss: LossSpec | None = None,
+        optim: OptimSpec | None = None,
+        val_ks: list[int] | None = None,
+    ) -> None:
+        super().__init__()
+        tokenizer, merge = tokenizer or TokenizerConfig(), merge or MergeSpec()
+        loss, optim = loss or LossSpec(), optim or OptimSpec()
+        self.save_hyperparameters({"tokenizer": tokenizer, "merge": merge, "loss": loss, "optim": optim,
+                                   "val_ks": val_ks})  # fmt: skip
+        self.tokenizer = Tokenizer(tokenizer)
+        self.merger = Merger(n_slots=tokenizer.n_slots, channels=tokenizer.channels, **merge.merger_kwargs())
+        self.criterion = ReconLoss(**vars(loss))
+        self.optim_spec, self.full_k_fraction = optim, merge.full_k_fraction
+        self.val_ks = sorted(set(val_ks or [*self.merger.grid, tokenizer.n_slots]))
+        self.val_psnr = nn.ModuleDict({str(k): MeanMetric() for k in self.val_ks})
+        self.val_merged_cos = nn.ModuleDict({str(k): MeanMetric() for k in self.val_ks})
+        self.val_slot_cos = MeanMetric()
+
+    @property
+    def n_slots(self) -> int:
+        return self.tokenizer.cfg.n_slots
+
+    # --- the tokenizer interface used by the other stages ---
+    def encode(self, images: Tensor) -> Tensor:
+        """images (B, 3, H, W) in [-1, 1] -> full latents z (B, N, C)."""
+        return self.tokenizer.encode(images).z
+
+    def tokenize(self, images: Tensor, k: int) -> MergeResult:
+        """images -> K merged tokens (B, K, C) with their sizes, and the unmerged view."""
+        return self.merger(self.encode(images), k)
+
+    def detokenize(self, tokens: Tensor) -> Tensor:
+        """K merged tokens (B, K, C) -> images, through the global pattern (unmerge, decode)."""
+        return self.tokenizer.decode(self.merger.unmerge(tokens))
+
+    def reconstruct(self, images: Tensor, k: int) -> Tensor:
+        return self.tokenizer.decode(self.tokenize(images, k).z_hat)
+
+    def merge_table(self) -> MergeTable | None:
+        """The global pattern over the grid (None for per-image or truncation baselines)."""
+        return self.merger.table()
+
+    # --- training ---
+    def training_k(self) -> int:
+        """K = N for the first `full_k_fraction` of steps, then a draw from the weighted grid."""
+        total = self.trainer.max_steps if self._trainer is not None else -1
+        if total > 0 and self.global_step < self.full_k_fraction * total:
+            return self.n_slots
+        return self.merger.sample_k()
+
+    def training_step(self, batch: dict, batch_idx: int) -> Tensor:
+        images, k = batch["image"], self.training_k()
+        enc = self.tokenizer.encode(images)
+        merged = self.merger(enc.z, k)
+        recon = self.tokenizer.decode(merged.z_hat)
+        parts = self.criterion(images, recon, kl=enc.kl, align=self.merger.alignment_loss(enc.z))
+        self.log_dict({f"train/{name}": value for name, value in parts.items()}, prog_bar=False)
+        self.log("train/k", float(k))
+        return parts["loss"]
+
+    def configure_optimizers(self) -> dict:
+        groups = param_groups(self, self.optim_spec.weight_decay)
+        return self.optim_spec.build(groups, self.trainer.max_steps)
+
+    # --- validation: PSNR at every K, slot collapse and merged-pair diagnostics ---
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        images = batch["image"]
+        z = self.encode(images)  # (B, N, C)
+        cos = _pairwise_cos(z)  # (B, N, N)
+        off_diag = ~torch.eye(self.n_slots, dtype=torch.bool, device=z.device)
+        self.val_slot_cos.update(cos[:, off_diag].mean(1))
+        for k in self.val_ks:
+            merged = self.merger(z, k)
+            recon = self.tokenizer.decode(merged.z_hat)
+            self.val_psnr[str(k)].update(psnr(images, recon))
+            same = _same_cluster(self.merger, z, k) & off_diag
+            if same.any():
+                self.val_merged_cos[str(k)].update(cos[:, same].mean(1) if same.ndim == 2 else cos[same])
+        self.log("val/loss", F.mse_loss(self.reconstruct(images, self.n_slots), images), sync_dist=True)
+
+    def on_validation_epoch_end(self) -> None:
+        self.log("val/slot_cos", self.val_slot_cos.compute())
+        self.val_slot_cos.reset()
+        for k in self.val_ks:
+            self.log(f"val/psnr@k{k}", self.val_psnr[str(k)].compute())
+            self.val_psnr[str(k)].reset()
+            metric = self.val_merged_cos[str(k)]
+            if metric.update_count:
+                self.log(f"val/merged_cos@k{k}", metric.compute())
+            metric.reset()
+
+    # --- checkpoints carry the merge table of the weights they hold ---
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        """Store the table derived from the checkpoint's own embeddings: with EMA the saved state_dict
+        holds the averaged weights, whose pattern can differ from the live one."""
+        e = checkpoint["state_dict"].get("merger.e")
+        if e is None:
+            table = self.merge_table()
+        else:
+            table = MergeTable(n=self.n_slots, assign=hierarchy(e.float().cpu(), self.merger.grid,
+                                                                 blocks=self.merger.blocks))  # fmt: skip
+        checkpoint["merge_table"] = table.to_dict() if table is not None else None
+
+    def on_fit_end(self) -> None:
+        """Export the final pattern beside the run's checkpoints, loadable on its own."""
+        table = self.merge_table()
+        if table is not None and self.trainer.is_global_zero and self.trainer.log_dir:
+            table.save(Path(self.trainer.log_dir) / "merge_table.json")
+
+    # --- the token-budget protocol (vlt.callbacks.token_budget) ---
+    def budget_reconstruct(self, images: Tensor, k: int) -> Tensor:
+        return self.reconstruct(images, k)
+
+    def budget_tokens(self, k: int) -> float:
+        return float(k)
+
+    def budget_flops(self, k: int, task: str = "reconstruct", cfg_scale: float = 1.0) -> float:
+        """Encode + decode FLOPs per image. The decoder always sees N slots (merged tokens are broadcast
+        back), so reconstruction cost does not fall with K: K buys storage and generation cost."""
+        cfg = self.tokenizer.cfg
+        length, hidden = cfg.n_patches + cfg.n_slots, int(cfg.width * cfg.mlp_ratio)
+        return float(transformer_flops(length, cfg.width, cfg.enc_depth + cfg.dec_depth, hidden, gated=False))
+
+
+def _pairwise_cos(z: Tensor) -> Tensor:
+    """(B, N, C) -> (B, N, N) cosine similarities between slot latents."""
+    zn = F.normalize(z.float(), dim=-1)
+    return zn @ zn.transpose(1, 2)
+
+
+def _same_cluster(merger: Merger, z: Tensor, k: int) -> Tensor:
+    """(N, N) or (B, N, N) bool: slots i, j end in the same merged token at K (eval pattern)."""
+    n = z.shape[1]
+    if k == n or merger.mode == "nested":
+        return torch.zeros(n, n, dtype=torch.bool, device=z.device)
+    if merger.mode == "tome":
+        from vlt.models.baselines import bipartite_assignment
+
+        gamma = bipartite_assignment(z, k)  # (B, N, K)
+        return (gamma @ gamma.transpose(1, 2)) > 0.5
+    assign = merger.assignment(k).to(z.device)
+    return assign[:, None] == assign[None, :]
