@@ -15,10 +15,18 @@ EXTRAS ?= dev,data
 #: CONFIG  config file of a stage target (each target has its tiny default)
 #: ARGS    extra CLI overrides, e.g. ARGS="--trainer.max_steps=100"
 ARGS ?=
+#: LAUNCH  local (default) or slurm: where stage targets run
+LAUNCH ?= local
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.vlt-installed
 
-.PHONY: help install data test test-fast lint format tensorboard clean
+SYNTHETIC := data/synthetic/shards/info.json
+PHOTOS := data/photos/shards/info.json
+
+# $(call launch,CLI ARGS): run one `vlt` command here, or submit it (LAUNCH=slurm).
+launch = $(BIN)/vlt $(1) $(ARGS)
+
+.PHONY: help install data test test-fast lint format tensorboard clean train-tokenizer
 
 help: ## show this help
 	@echo "vlt make targets:"
@@ -35,9 +43,17 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP) ## create/refresh the virtual environment (re-runs only when pyproject.toml changes)
 
-data: $(STAMP) ## build the embedded shard sets (synthetic + photos) under data/*/shards
+data: $(STAMP) ## (re)build the embedded shard sets (synthetic + photos) under data/*/shards
 	$(BIN)/vlt data synthetic --out data/synthetic/shards
 	$(BIN)/vlt data photos --out data/photos/shards
+
+$(SYNTHETIC): | $(STAMP)
+	$(BIN)/vlt data synthetic --out data/synthetic/shards
+$(PHOTOS): | $(STAMP)
+	$(BIN)/vlt data photos --out data/photos/shards
+
+train-tokenizer: $(STAMP) $(SYNTHETIC) $(PHOTOS) ## stage 1: train the tokenizer (CONFIG=conf/tokenizer/tiny.yaml)
+	$(call launch,fit -c $(or $(CONFIG),conf/tokenizer/tiny.yaml))
 
 test: $(STAMP) ## run every test tier (unit, data, config, smoke, ddp, notebooks)
 	$(BIN)/python -m pytest -q
