@@ -2,8 +2,9 @@
 
 Layout (img2dataset style): `<out>/train-000000.tar ...`, `<out>/val-000000.tar ...`, `<out>/info.json`.
 Each sample holds `__key__`, an image member (`png`, `jpg`, ...), `cls` (the integer label as text) and
-`json` ({"label", "complexity", "source", ...}). Tar members get a fixed mtime, so the same inputs
-give byte-identical shards.
+`json` ({"label", "complexity", "source", ...}). Tar members get a fixed integer mtime: the same inputs
+give byte-identical shards, and no per-member pax header (a float mtime adds one, doubling the tar
+headers every reader has to parse).
 """
 
 from __future__ import annotations
@@ -86,7 +87,7 @@ class SplitWriter:
             raise ValueError(f"split={split!r} is not one of {SPLITS}")
         if split not in self._writers:
             pattern = str(self.out / f"{split}-%06d.tar")
-            self._writers[split] = wds.ShardWriter(pattern, maxcount=self.shard_size, verbose=0, mtime=0.0)
+            self._writers[split] = wds.ShardWriter(pattern, maxcount=self.shard_size, verbose=0, mtime=0)
         record = {"label": int(label), **meta}
         sample = {
             "__key__": key,

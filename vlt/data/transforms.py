@@ -83,13 +83,15 @@ def image_array(
 
 
 def to_unit_range(images: np.ndarray | torch.Tensor) -> torch.Tensor:
-    """uint8 (B, H, W, 3) -> float32 (B, 3, H, W) in [-1, 1]: x / 127.5 - 1 (0 -> -1, 255 -> 1)."""
-    if isinstance(images, np.ndarray):
-        images = np.ascontiguousarray(images)
-        images = torch.from_numpy(images if images.flags.writeable else images.copy())
-    x = images  # (B, H, W, 3) uint8
-    x = x.permute(0, 3, 1, 2).to(torch.float32)  # (B, 3, H, W)
-    return x.div_(127.5).sub_(1.0)
+    """uint8 (B, H, W, 3) -> float32 (B, 3, H, W) in [-1, 1]: x / 127.5 - 1 (0 -> -1, 255 -> 1).
+
+    Done in numpy (single-threaded): torch's intra-op threads only contend with loader workers here.
+    """
+    arr = np.asarray(images)  # (B, H, W, 3) uint8
+    x = arr.transpose(0, 3, 1, 2).astype(np.float32, order="C")  # (B, 3, H, W), contiguous copy
+    np.divide(x, 127.5, out=x)
+    np.subtract(x, 1.0, out=x)
+    return torch.from_numpy(x)
 
 
 def to_uint8(images: torch.Tensor) -> np.ndarray:
