@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 
 import lightning.pytorch as pl
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -175,3 +177,42 @@ def test_callback_validates_its_options():
         TokenBudgetCallback(ks=[4], extractor="clip")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="non-empty"):
         TokenBudgetCallback(ks=[])
+
+
+def validate(root, name: str, devices: int) -> list[dict]:
+    """`trainer.validate` with the callback (no training: both runs score the same weights)."""
+    torch.manual_seed(0)
+    model = TinyAutoencoder()
+    callback = TokenBudgetCallback(
+        ks=[4, 16],
+        metrics=["psnr", "rfid"],
+        num_images=16,
+        batch_size=4,
+        cache_dir=str(root / name / "cache"),
+    )
+    trainer = pl.Trainer(
+        default_root_dir=root, logger=CSVLogger(root, name=name, version=""), callbacks=[callback],
+        accelerator="cpu", devices=devices, strategy="ddp_spawn" if devices > 1 else "auto",
+        enable_progress_bar=False, enable_model_summary=False,
+    )  # fmt: skip
+    trainer.validate(model, DataLoader(Shapes(), batch_size=4))
+    return read_rows(root / name)
+
+
+@pytest.mark.slow
+@pytest.mark.ddp
+@pytest.mark.timeout(600)
+def test_two_process_evaluation_matches_one_process(tmp_path, monkeypatch):
+    for var in [v for v in os.environ if v.startswith("SLURM_")]:
+        monkeypatch.delenv(var)
+    single = validate(tmp_path, "one", devices=1)
+    double = validate(tmp_path, "two", devices=2)  # a distributed sampler gives each rank 8 of the 16
+    assert [r["k"] for r in double] == [r["k"] for r in single] == ["4", "16"]
+    for a, b in zip(single, double):
+        assert float(b["rfid_proxy"]) == pytest.approx(float(a["rfid_proxy"]), rel=1e-4)
+        assert float(b["psnr"]) == pytest.approx(float(a["psnr"]), rel=1e-5)
+    (one,), (two,) = (list((tmp_path / n / "cache").glob("*.npz")) for n in ("one", "two"))
+    assert one.name == two.name  # same key: 16 images in total, not 8 per rank
+    with np.load(one) as a, np.load(two) as b:  # real statistics reduced over ranks = one process
+        assert int(a["n"]) == int(b["n"]) == 16
+        assert np.allclose(a["mu"], b["mu"], atol=1e-6) and np.allclose(a["sigma"], b["sigma"], atol=1e-6)
