@@ -151,7 +151,7 @@ class TokenBudgetCallback(pl.Callback):
                 logger.experiment.add_custom_scalars(self.layout())
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        if self.every_n_steps and trainer.global_step % self.every_n_steps == 0:
+        if self.every_n_steps and trainer.global_step > 0 and trainer.global_step % self.every_n_steps == 0:
             self.evaluate(trainer, pl_module)
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
