@@ -26,7 +26,12 @@ PHOTOS := data/photos/shards/info.json
 # $(call launch,CLI ARGS): run one `vlt` command here, or submit it (LAUNCH=slurm).
 launch = $(BIN)/vlt $(1) $(ARGS)
 
-.PHONY: help install data test test-fast lint format tensorboard clean train-tokenizer
+#: TOKENIZER  stage-1 checkpoint that stage 2 caches latents from
+TOKENIZER ?= runs/tokenizer-tiny/checkpoints/last.ckpt
+#: LATENTS    latent cache folder of stage 2
+LATENTS ?= data/latents/tokenizer-tiny
+
+.PHONY: help install data test test-fast lint format tensorboard clean train-tokenizer train-dit cache-latents sample
 
 help: ## show this help
 	@echo "vlt make targets:"
@@ -54,6 +59,21 @@ $(PHOTOS): | $(STAMP)
 
 train-tokenizer: $(STAMP) $(SYNTHETIC) $(PHOTOS) ## stage 1: train the tokenizer (CONFIG=conf/tokenizer/tiny.yaml)
 	$(call launch,fit -c $(or $(CONFIG),conf/tokenizer/tiny.yaml))
+
+$(TOKENIZER):
+	$(MAKE) --no-print-directory train-tokenizer CONFIG= ARGS= LAUNCH=local
+
+$(LATENTS)/done-train-r0.json: $(TOKENIZER) $(SYNTHETIC) | $(STAMP)
+	$(BIN)/vlt cache-latents --tokenizer $(TOKENIZER) --shards 'data/synthetic/shards/train-*.tar' --out $(LATENTS) --split train --overwrite true
+	$(BIN)/vlt cache-latents --tokenizer $(TOKENIZER) --shards 'data/synthetic/shards/val-*.tar' --out $(LATENTS) --split val --overwrite true
+
+cache-latents: $(LATENTS)/done-train-r0.json ## encode the synthetic shards with TOKENIZER into LATENTS (if stale)
+
+train-dit: $(STAMP) $(LATENTS)/done-train-r0.json ## stage 2: train the DiT on cached latents (CONFIG=conf/dit/tiny.yaml)
+	$(call launch,fit -c $(or $(CONFIG),conf/dit/tiny.yaml) --latents=$(LATENTS) --model.init_args.tokenizer=$(TOKENIZER))
+
+sample: $(STAMP) ## sample grids + npz at every K from the tiny DiT (DIT=runs/dit-tiny/checkpoints/last.ckpt)
+	$(BIN)/vlt sample --dit $${DIT:-runs/dit-tiny/checkpoints/last.ckpt} --out runs/dit-tiny/samples $(ARGS)
 
 test: $(STAMP) ## run every test tier (unit, data, config, smoke, ddp, notebooks)
 	$(BIN)/python -m pytest -q

@@ -12,11 +12,13 @@ from __future__ import annotations
 
 import importlib
 import sys
-from pathlib import Path
 from collections.abc import Callable
+from pathlib import Path
 
 import jsonargparse
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+
+from vlt import runs
 
 # Extra commands: name -> "module:function-or-list" resolved lazily, so `vlt fit` never imports them.
 TOOLS: dict[str, str] = {
@@ -50,6 +52,7 @@ class VLTCLI(LightningCLI):
         # Top-level keys used only for interpolation must be declared arguments.
         parser.add_argument("--name", type=str, default="run", help="Run name: outputs go to runs/<name>/")
         parser.add_argument("--runs_dir", type=str, default="runs", help="Parent folder of run directories")
+        parser.add_argument("--latents", type=str, default="", help="Latent cache folder (stage-2 configs)")
 
     def before_instantiate_classes(self) -> None:
         """Give every run one fixed directory, runs_dir/name, unless the config sets its own.
@@ -67,6 +70,11 @@ class VLTCLI(LightningCLI):
                 "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
                 "init_args": {"save_dir": config.runs_dir, "name": config.name, "version": ""},
             }
+
+    def before_fit(self) -> None:
+        """Refuse to reuse a run directory by accident; a SLURM requeue resumes from its newest checkpoint."""
+        init = self.config_init[self.subcommand]
+        init["ckpt_path"] = runs.prepare_fit(self.trainer, ckpt_path=init.get("ckpt_path"))
 
 
 def _resolve(spec: str) -> Callable | list[Callable]:

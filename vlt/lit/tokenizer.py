@@ -16,12 +16,14 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchmetrics import MeanMetric
 
-from vlt.lit.specs import LossSpec, MergeSpec, OptimSpec, param_groups
+from vlt.lit.specs import LossSpec, MergeSpec, OptimSpec, allow_in_checkpoints, param_groups
 from vlt.metrics.rate import transformer_flops
 from vlt.models.merge_ops import MergeTable
 from vlt.models.merging import Merger, MergeResult, hierarchy
 from vlt.models.tokenizer import Tokenizer, TokenizerConfig
 from vlt.objectives.recon import ReconLoss, psnr
+
+allow_in_checkpoints(TokenizerConfig)
 
 
 class LitTokenizer(L.LightningModule):
@@ -159,9 +161,14 @@ class LitTokenizer(L.LightningModule):
     def budget_flops(self, k: int, task: str = "reconstruct", cfg_scale: float = 1.0) -> float:
         """Encode + decode FLOPs per image. The decoder always sees N slots (merged tokens are broadcast
         back), so reconstruction cost does not fall with K: K buys storage and generation cost."""
+        return float(self.flops("encode") + self.flops("decode"))
+
+    def flops(self, part: str) -> int:
+        """Analytic forward FLOPs per image of the encoder or decoder transformer (P + N tokens)."""
         cfg = self.tokenizer.cfg
+        depth = {"encode": cfg.enc_depth, "decode": cfg.dec_depth}[part]
         length, hidden = cfg.n_patches + cfg.n_slots, int(cfg.width * cfg.mlp_ratio)
-        return float(transformer_flops(length, cfg.width, cfg.enc_depth + cfg.dec_depth, hidden, gated=False))
+        return transformer_flops(length, cfg.width, depth, hidden, gated=False)
 
 
 def _pairwise_cos(z: Tensor) -> Tensor:

@@ -1,0 +1,232 @@
+"""Stage 2 system: one DiT for every K on merged latents of a frozen tokenizer's cache.
+
+Letters: B batch, N slots, K merged tokens, C channels.
+
+Batches hold the full N-slot latents; each step picks one K (from a cycle: one K per batch, no
+padding), normalises with the cache's channel statistics, merges with the tokenizer's fixed
+Gbar_K and trains the rectified flow. The merge table and the statistics are buffers, so a
+checkpoint samples on its own; the tokenizer (for decoding) is loaded on demand and never saved here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import lightning as L
+import torch
+from torch import Tensor, nn
+from torchmetrics import MeanMetric
+
+from vlt.data.latents import cache_meta, latent_stats
+from vlt.lit.specs import OptimSpec, allow_in_checkpoints, param_groups
+from vlt.models.dit import DiT, DiTConfig
+from vlt.models.merge_ops import MergeTable
+from vlt.objectives.flow import RectifiedFlow
+
+
+@dataclass
+class FlowSpec:
+    """Rectified-flow training and sampling settings (see `vlt.objectives.flow`)."""
+
+    t_mean: float = 0.0
+    t_std: float = 1.0
+    sample_steps: int = 25
+    sampler: str = "euler"
+    cfg_scale: float = 1.5
+    cfg_interval: tuple[float, float] | None = None
+
+
+allow_in_checkpoints(DiTConfig, FlowSpec)
+
+
+def paper_cycle(n: int) -> list[int]:
+    """The reference schedule's 4:2:1 proportions at N/2, N/4, N/8 (K = 128, 64, 32 for N = 256)."""
+    return [n // 2] * 4 + [n // 4] * 2 + [n // 8]
+
+
+class LitDiT(L.LightningModule):
+    """DiT + rectified flow over the tokenizer's merged latents.
+
+    Args:
+        dit: the DiT config (N and C must match the cache).
+        cache: latent cache folder written by `vlt cache-latents` (merge table + statistics).
+        tokenizer: the stage-1 checkpoint that produced the cache, for decoding samples (optional).
+        ks: the K values this model serves (default: every K of the cache's merge table).
+        k_cycle: K per training step, cycled (default: `paper_cycle(N)`).
+        flow: flow and sampler settings.
+        optim: optimizer and schedule.
+    """
+
+    def __init__(
+        self,
+        *,
+        dit: DiTConfig | None = None,
+        cache: str | None = None,
+        tokenizer: str | None = None,
+        ks: list[int] | None = None,
+        k_cycle: list[int] | None = None,
+        flow: FlowSpec | None = None,
+        optim: OptimSpec | None = None,
+    ) -> None:
+        super().__init__()
+        dit, flow, optim = (
+            dit or DiTConfig(),
+            flow or FlowSpec(),
+            optim or OptimSpec(lr=3e-4, warmup_steps=500),
+        )
+        table = MergeTable.load(Path(cache) / "merge_table.json") if cache else None
+        ks = sorted(ks or (table.ks if table else [dit.n_slots]))
+        self.save_hyperparameters({"dit": dit, "cache": cache, "tokenizer": tokenizer, "ks": ks,
+                                   "k_cycle": k_cycle, "flow": flow, "optim": optim})  # fmt: skip
+        self.dit = DiT(dit)
+        self.flow, self.flow_spec, self.optim_spec = (
+            RectifiedFlow(t_mean=flow.t_mean, t_std=flow.t_std),
+            flow,
+            optim,
+        )
+        self.ks = ks
+        self.k_cycle = k_cycle or [k for k in paper_cycle(dit.n_slots) if k in ks] or ks
+        n = dit.n_slots
+        # The global pattern per K and the latent statistics travel inside every checkpoint.
+        for k in ks:
+            assign = table.assign[k] if table and k in table.assign else torch.arange(n) * k // n
+            self.register_buffer(f"assign_{k}", assign.clone().long())
+        mean, std = latent_stats(cache) if cache and _has_stats(cache) else (torch.zeros(dit.channels),
+                                                                            torch.ones(dit.channels))  # fmt: skip
+        self.register_buffer("latent_mean", mean)
+        self.register_buffer("latent_std", std)
+        self.val_loss = nn.ModuleDict({str(k): MeanMetric() for k in ks})
+        self._decoder: list = []  # the tokenizer, loaded lazily; a list keeps it out of state_dict
+
+    # --- the merge pattern and the normalisation ---
+    def table(self) -> MergeTable:
+        return MergeTable(
+            n=self.dit.cfg.n_slots, assign={k: getattr(self, f"assign_{k}").cpu() for k in self.ks}
+        )
+
+    def pattern(self, k: int) -> tuple[Tensor, Tensor]:
+        """Gbar (N, K) and sizes (K,) of level K on this module's device."""
+        if k not in self.ks:
+            raise ValueError(f"K={k} is not served by this DiT; choose one of {self.ks}")
+        gamma = torch.nn.functional.one_hot(getattr(self, f"assign_{k}"), k).float()  # (N, K)
+        sizes = gamma.sum(0)  # (K,)
+        return gamma / sizes, sizes
+
+    def normalise(self, z: Tensor) -> Tensor:
+        return (z - self.latent_mean) / self.latent_std
+
+    def denormalise(self, z: Tensor) -> Tensor:
+        return z * self.latent_std + self.latent_mean
+
+    def labels(self, y: Tensor) -> Tensor:
+        """Unlabelled samples (-1) train the unconditional branch."""
+        return torch.where(y < 0, torch.full_like(y, self.dit.null_label), y)
+
+    # --- training ---
+    def training_k(self) -> int:
+        """One K per step from the cycle, the same on every rank (it follows global_step)."""
+        return self.k_cycle[self.global_step % len(self.k_cycle)]
+
+    def _loss(self, batch: dict, k: int) -> dict[str, Tensor]:
+        gbar, sizes = self.pattern(k)
+        x1 = torch.einsum("nk,bnc->bkc", gbar, self.normalise(batch["latent"]))  # (B, K, C)
+        return self.flow.training_losses(self.dit, x1, self.labels(batch["label"]), gbar, sizes)
+
+    def training_step(self, batch: dict, batch_idx: int) -> Tensor:
+        k = self.training_k()
+        parts = self._loss(batch, k)
+        self.log_dict({"train/loss": parts["loss"], "train/mse": parts["mse"], "train/k": float(k)})
+        return parts["loss"]
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        for k in self.ks:
+            self.val_loss[str(k)].update(self._loss(batch, k)["loss"])
+
+    def on_validation_epoch_end(self) -> None:
+        for k in self.ks:
+            self.log(f"val/loss@k{k}", self.val_loss[str(k)].compute())
+            self.val_loss[str(k)].reset()
+
+    def configure_optimizers(self) -> dict:
+        return self.optim_spec.build(
+            param_groups(self.dit, self.optim_spec.weight_decay), self.trainer.max_steps
+        )
+
+    def setup(self, stage: str) -> None:
+        """Fail early, with the fix, when the cache and this model disagree."""
+        if stage != "fit" or not self.hparams.cache:
+            return
+        meta = cache_meta(self.hparams.cache, "train")
+        cfg = self.dit.cfg
+        if (meta["n_slots"], meta["channels"]) != (cfg.n_slots, cfg.channels):
+            raise ValueError(f"latent cache {self.hparams.cache} holds {meta['n_slots']}x{meta['channels']} latents but "
+                             f"the DiT expects N={cfg.n_slots}, C={cfg.channels}: set model.dit.n_slots/channels "
+                             "to the tokenizer's")  # fmt: skip
+        if self.hparams.tokenizer:
+            check_tokenizer(self.hparams.tokenizer, self.table())
+
+    # --- sampling and decoding ---
+    def decoder(self):
+        """The frozen stage-1 tokenizer named by `tokenizer` (loaded once, kept out of checkpoints)."""
+        if not self._decoder:
+            if not self.hparams.tokenizer:
+                raise ValueError(
+                    "this LitDiT has no tokenizer checkpoint to decode with: set model.tokenizer"
+                )
+            from vlt.lit.tokenizer import LitTokenizer
+
+            tok = LitTokenizer.load_from_checkpoint(self.hparams.tokenizer, map_location="cpu").eval()
+            self._decoder.append(tok.requires_grad_(False))
+        tok = self._decoder[0]
+        return tok.to(self.device)
+
+    @torch.no_grad()
+    def generate_latents(self, labels: Tensor, k: int, *, cfg_scale: float | None = None,
+                         steps: int | None = None, generator: torch.Generator | None = None) -> Tensor:  # fmt: skip
+        """Sample merged latents (B, K, C), denormalised (the tokenizer's latent space)."""
+        spec = self.flow_spec
+        gbar, sizes = self.pattern(k)
+        x = self.flow.sample(self.dit, y=labels.to(self.device), gbar=gbar, sizes=sizes,
+                             steps=steps or spec.sample_steps, method=spec.sampler,
+                             cfg_scale=spec.cfg_scale if cfg_scale is None else cfg_scale,
+                             cfg_interval=spec.cfg_interval, generator=generator)  # fmt: skip
+        return self.denormalise(x)
+
+    @torch.no_grad()
+    def generate(self, labels: Tensor, k: int, **kwargs) -> Tensor:
+        """Sample images (B, 3, H, W) in [-1, 1] at K tokens: sample, unmerge, decode."""
+        tokens = self.generate_latents(labels, k, **kwargs)  # (B, K, C)
+        gamma = torch.nn.functional.one_hot(getattr(self, f"assign_{k}"), k).to(tokens)  # (N, K)
+        z = torch.einsum("nk,bkc->bnc", gamma, tokens)  # (B, N, C)
+        return self.decoder().tokenizer.decode(z).clamp(-1, 1)
+
+    # --- the token-budget protocol (vlt.callbacks.token_budget) ---
+    def budget_generate(self, labels: Tensor, k: int, cfg_scale: float, generator=None) -> Tensor:
+        return self.generate(labels, k, cfg_scale=cfg_scale, generator=generator)
+
+    def budget_tokens(self, k: int) -> float:
+        return float(k)
+
+    def budget_flops(self, k: int, task: str = "generate", cfg_scale: float = 1.0) -> float:
+        """DiT forward x sampling steps (x2 with guidance, x2 for Heun) + one tokenizer decode."""
+        spec = self.flow_spec
+        calls = spec.sample_steps * (2 if spec.sampler == "heun" else 1) * (2 if cfg_scale != 1.0 else 1)
+        return float(calls * self.dit.flops(k) + self.decoder().flops("decode"))
+
+
+def _has_stats(cache: str) -> bool:
+    return any(Path(cache).glob("stats-train-r*.json"))
+
+
+def check_tokenizer(path: str, table: MergeTable) -> None:
+    """The tokenizer checkpoint must carry the same merge pattern as the cache the DiT learns from."""
+    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    stored = ckpt.get("merge_table")
+    if stored is None:
+        return
+    theirs = MergeTable.from_dict(stored)
+    for k in table.ks:
+        if k in theirs.assign and not torch.equal(theirs.assign[k], table.assign[k]):
+            raise ValueError(f"merge pattern mismatch at K={k} between tokenizer {path} and the latent cache: the "
+                             "cache was made by another tokenizer; rebuild it with `vlt cache-latents`")  # fmt: skip
