@@ -63,8 +63,10 @@ def cache_latents(
     root = Path(out)
     done = root / f"done-{split}-r{rank}.json"
     if done.exists() and not overwrite:
-        raise FileExistsError(f"{done} exists: the {split} cache in {root} is finished; pass --overwrite true "
-                              "to rebuild it or choose another --out")  # fmt: skip
+        raise FileExistsError(
+            f"{done} exists: the {split} cache in {root} is finished; pass --overwrite true "
+            "to rebuild it or choose another --out"
+        )
     root.mkdir(parents=True, exist_ok=True)
     for stale in root.glob(f"{split}-r{rank:02d}-*.tar"):
         stale.unlink()
@@ -94,16 +96,31 @@ def cache_latents(
                     "complexity": int(batch["complexity"][i]),
                     "key": key,
                 }
-                sink.write({"__key__": key, "latent.npy": z[i].float().numpy(), "cls": str(meta["label"]),
-                            "json": meta})  # fmt: skip
+                sink.write(
+                    {
+                        "__key__": key,
+                        "latent.npy": z[i].float().numpy(),
+                        "cls": str(meta["label"]),
+                        "json": meta,
+                    }
+                )
             count += len(batch["key"])
     stats = {"count": count * cfg.n_slots, "sum": total.tolist(), "sum_sq": total_sq.tolist()}
     (root / f"stats-{split}-r{rank}.json").write_text(json.dumps(stats))
-    meta = {"tokenizer": str(tokenizer), "n_slots": cfg.n_slots, "channels": cfg.channels, "world_size": world,
-            "samples": count, "skipped": data.skipped, "seconds": round(time.time() - start, 1)}  # fmt: skip
+    meta = {
+        "tokenizer": str(tokenizer),
+        "n_slots": cfg.n_slots,
+        "channels": cfg.channels,
+        "world_size": world,
+        "samples": count,
+        "skipped": data.skipped,
+        "seconds": round(time.time() - start, 1),
+    }
     done.write_text(json.dumps(meta))
-    print(f"cache-latents: {count} {split} latents ({cfg.n_slots}x{cfg.channels}) on rank {rank}/{world}, "
-          f"{data.skipped} skipped, {meta['seconds']} s -> {root}")  # fmt: skip
+    print(
+        f"cache-latents: {count} {split} latents ({cfg.n_slots}x{cfg.channels}) on rank {rank}/{world}, "
+        f"{data.skipped} skipped, {meta['seconds']} s -> {root}"
+    )
     return root
 
 
@@ -112,12 +129,16 @@ def cache_meta(root: str | Path, split: str = "train") -> dict:
     root = Path(root)
     done = sorted(root.glob(f"done-{split}-r*.json"))
     if not done:
-        raise FileNotFoundError(f"no finished '{split}' latent cache in {root}: run `vlt cache-latents "
-                                f"--split {split} --out {root} ...` (or `make train-dit`) first")  # fmt: skip
+        raise FileNotFoundError(
+            f"no finished '{split}' latent cache in {root}: run `vlt cache-latents "
+            f"--split {split} --out {root} ...` (or `make train-dit`) first"
+        )
     metas = [json.loads(p.read_text()) for p in done]
     if len(metas) != metas[0]["world_size"]:
-        raise ValueError(f"latent cache {root} ({split}) is incomplete: {len(metas)} of "
-                         f"{metas[0]['world_size']} ranks finished")  # fmt: skip
+        raise ValueError(
+            f"latent cache {root} ({split}) is incomplete: {len(metas)} of "
+            f"{metas[0]['world_size']} ranks finished"
+        )
     return {**metas[0], "samples": sum(m["samples"] for m in metas)}
 
 

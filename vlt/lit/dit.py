@@ -77,8 +77,17 @@ class LitDiT(L.LightningModule):
         )
         table = MergeTable.load(Path(cache) / "merge_table.json") if cache else None
         ks = sorted(ks or (table.ks if table else [dit.n_slots]))
-        self.save_hyperparameters({"dit": dit, "cache": cache, "tokenizer": tokenizer, "ks": ks,
-                                   "k_cycle": k_cycle, "flow": flow, "optim": optim})  # fmt: skip
+        self.save_hyperparameters(
+            {
+                "dit": dit,
+                "cache": cache,
+                "tokenizer": tokenizer,
+                "ks": ks,
+                "k_cycle": k_cycle,
+                "flow": flow,
+                "optim": optim,
+            }
+        )
         self.dit = DiT(dit)
         self.flow, self.flow_spec, self.optim_spec = (
             RectifiedFlow(t_mean=flow.t_mean, t_std=flow.t_std),
@@ -92,8 +101,11 @@ class LitDiT(L.LightningModule):
         for k in ks:
             assign = table.assign[k] if table and k in table.assign else torch.arange(n) * k // n
             self.register_buffer(f"assign_{k}", assign.clone().long())
-        mean, std = latent_stats(cache) if cache and _has_stats(cache) else (torch.zeros(dit.channels),
-                                                                            torch.ones(dit.channels))  # fmt: skip
+        mean, std = (
+            latent_stats(cache)
+            if cache and _has_stats(cache)
+            else (torch.zeros(dit.channels), torch.ones(dit.channels))
+        )
         self.register_buffer("latent_mean", mean)
         self.register_buffer("latent_std", std)
         self.val_loss = nn.ModuleDict({str(k): MeanMetric() for k in ks})
@@ -160,9 +172,11 @@ class LitDiT(L.LightningModule):
         meta = cache_meta(self.hparams.cache, "train")
         cfg = self.dit.cfg
         if (meta["n_slots"], meta["channels"]) != (cfg.n_slots, cfg.channels):
-            raise ValueError(f"latent cache {self.hparams.cache} holds {meta['n_slots']}x{meta['channels']} latents but "
-                             f"the DiT expects N={cfg.n_slots}, C={cfg.channels}: set model.dit.n_slots/channels "
-                             "to the tokenizer's")  # fmt: skip
+            raise ValueError(
+                f"latent cache {self.hparams.cache} holds {meta['n_slots']}x{meta['channels']} latents but "
+                f"the DiT expects N={cfg.n_slots}, C={cfg.channels}: set model.dit.n_slots/channels "
+                "to the tokenizer's"
+            )
         if self.hparams.tokenizer:
             check_tokenizer(self.hparams.tokenizer, self.table())
 
@@ -182,15 +196,29 @@ class LitDiT(L.LightningModule):
         return tok.to(self.device)
 
     @torch.no_grad()
-    def generate_latents(self, labels: Tensor, k: int, *, cfg_scale: float | None = None,
-                         steps: int | None = None, generator: torch.Generator | None = None) -> Tensor:  # fmt: skip
+    def generate_latents(
+        self,
+        labels: Tensor,
+        k: int,
+        *,
+        cfg_scale: float | None = None,
+        steps: int | None = None,
+        generator: torch.Generator | None = None,
+    ) -> Tensor:
         """Sample merged latents (B, K, C), denormalised (the tokenizer's latent space)."""
         spec = self.flow_spec
         gbar, sizes = self.pattern(k)
-        x = self.flow.sample(self.dit, y=labels.to(self.device), gbar=gbar, sizes=sizes,
-                             steps=steps or spec.sample_steps, method=spec.sampler,
-                             cfg_scale=spec.cfg_scale if cfg_scale is None else cfg_scale,
-                             cfg_interval=spec.cfg_interval, generator=generator)  # fmt: skip
+        x = self.flow.sample(
+            self.dit,
+            y=labels.to(self.device),
+            gbar=gbar,
+            sizes=sizes,
+            steps=steps or spec.sample_steps,
+            method=spec.sampler,
+            cfg_scale=spec.cfg_scale if cfg_scale is None else cfg_scale,
+            cfg_interval=spec.cfg_interval,
+            generator=generator,
+        )
         return self.denormalise(x)
 
     @torch.no_grad()
@@ -228,5 +256,7 @@ def check_tokenizer(path: str, table: MergeTable) -> None:
     theirs = MergeTable.from_dict(stored)
     for k in table.ks:
         if k in theirs.assign and not torch.equal(theirs.assign[k], table.assign[k]):
-            raise ValueError(f"merge pattern mismatch at K={k} between tokenizer {path} and the latent cache: the "
-                             "cache was made by another tokenizer; rebuild it with `vlt cache-latents`")  # fmt: skip
+            raise ValueError(
+                f"merge pattern mismatch at K={k} between tokenizer {path} and the latent cache: the "
+                "cache was made by another tokenizer; rebuild it with `vlt cache-latents`"
+            )

@@ -49,8 +49,9 @@ class LitTokenizer(L.LightningModule):
         super().__init__()
         tokenizer, merge = tokenizer or TokenizerConfig(), merge or MergeSpec()
         loss, optim = loss or LossSpec(), optim or OptimSpec()
-        self.save_hyperparameters({"tokenizer": tokenizer, "merge": merge, "loss": loss, "optim": optim,
-                                   "val_ks": val_ks})  # fmt: skip
+        self.save_hyperparameters(
+            {"tokenizer": tokenizer, "merge": merge, "loss": loss, "optim": optim, "val_ks": val_ks}
+        )
         self.tokenizer = Tokenizer(tokenizer)
         self.merger = Merger(n_slots=tokenizer.n_slots, channels=tokenizer.channels, **merge.merger_kwargs())
         self.criterion = ReconLoss(**vars(loss))
@@ -141,8 +142,9 @@ class LitTokenizer(L.LightningModule):
         if e is None:
             table = self.merge_table()
         else:
-            table = MergeTable(n=self.n_slots, assign=hierarchy(e.float().cpu(), self.merger.grid,
-                                                                 blocks=self.merger.blocks))  # fmt: skip
+            table = MergeTable(
+                n=self.n_slots, assign=hierarchy(e.float().cpu(), self.merger.grid, blocks=self.merger.blocks)
+            )
         checkpoint["merge_table"] = table.to_dict() if table is not None else None
 
     def on_fit_end(self) -> None:
