@@ -4,7 +4,7 @@ A curve is a list of rows, one per K: step, epoch, k, tokens (per image), flops 
 column per metric (psnr, rfid_proxy, gfid_proxy_w1.5, ...). A generation metric column `c` may carry
 its own FLOPs in `flops_c` (sampling costs differ from reconstruction and between guidance scales).
 
-    vlt curves runs/a runs/b --out curves.png [--metric rfid_proxy]
+    vlt curves --runs '[runs/a, runs/b]' --out curves.png [--metric rfid_proxy]
 """
 
 from __future__ import annotations
