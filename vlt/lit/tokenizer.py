@@ -60,6 +60,7 @@ class LitTokenizer(L.LightningModule):
         self.val_psnr = nn.ModuleDict({str(k): MeanMetric() for k in self.val_ks})
         self.val_merged_cos = nn.ModuleDict({str(k): MeanMetric() for k in self.val_ks})
         self.val_slot_cos = MeanMetric()
+        self.last_summary: dict[str, float] = {}
 
     @property
     def n_slots(self) -> int:
@@ -124,15 +125,18 @@ class LitTokenizer(L.LightningModule):
         self.log("val/loss", F.mse_loss(self.reconstruct(images, self.n_slots), images), sync_dist=True)
 
     def on_validation_epoch_end(self) -> None:
-        self.log("val/slot_cos", self.val_slot_cos.compute())
+        summary = {"slot_cos": self.val_slot_cos.compute().item()}
         self.val_slot_cos.reset()
         for k in self.val_ks:
-            self.log(f"val/psnr@k{k}", self.val_psnr[str(k)].compute())
+            summary[f"psnr@k{k}"] = self.val_psnr[str(k)].compute().item()
             self.val_psnr[str(k)].reset()
             metric = self.val_merged_cos[str(k)]
             if metric.update_count:
-                self.log(f"val/merged_cos@k{k}", metric.compute())
+                summary[f"merged_cos@k{k}"] = metric.compute().item()
             metric.reset()
+        self.log_dict({f"val/{name}": value for name, value in summary.items()})
+        if not self.trainer.sanity_checking:
+            self.last_summary = summary
 
     # --- checkpoints carry the merge table of the weights they hold ---
     def on_save_checkpoint(self, checkpoint: dict) -> None:
@@ -148,10 +152,14 @@ class LitTokenizer(L.LightningModule):
         checkpoint["merge_table"] = table.to_dict() if table is not None else None
 
     def on_fit_end(self) -> None:
-        """Export the final pattern beside the run's checkpoints, loadable on its own."""
+        """Export the final pattern beside the run's checkpoints and print the last validation per K."""
+        if not self.trainer.is_global_zero or not self.trainer.log_dir:
+            return
+        run_dir = Path(self.trainer.log_dir)
         table = self.merge_table()
-        if table is not None and self.trainer.is_global_zero and self.trainer.log_dir:
-            table.save(Path(self.trainer.log_dir) / "merge_table.json")
+        if table is not None:
+            table.save(run_dir / "merge_table.json")
+        print(summary_table(self.last_summary, self.val_ks, self.global_step, run_dir))
 
     # --- the token-budget protocol (vlt.callbacks.token_budget) ---
     def budget_reconstruct(self, images: Tensor, k: int) -> Tensor:
@@ -171,6 +179,21 @@ class LitTokenizer(L.LightningModule):
         depth = {"encode": cfg.enc_depth, "decode": cfg.dec_depth}[part]
         length, hidden = cfg.n_patches + cfg.n_slots, int(cfg.width * cfg.mlp_ratio)
         return transformer_flops(length, cfg.width, depth, hidden, gated=False)
+
+
+def summary_table(summary: dict[str, float], ks: list[int], step: int, run_dir: Path) -> str:
+    """The end-of-fit report: PSNR and merged-pair cosine per K, slot cosine, where the run lives."""
+    lines = [
+        f"\nvalidation at step {step} (run directory: {run_dir})",
+        "| K | PSNR dB | merged-pair cos |",
+        "|---|---|---|",
+    ]
+    for k in ks:
+        cos = summary.get(f"merged_cos@k{k}")
+        psnr_k = summary.get(f"psnr@k{k}", float("nan"))
+        lines.append(f"| {k} | {psnr_k:.2f} | {'-' if cos is None else f'{cos:.3f}'} |")
+    lines.append(f"all-pair slot cos (collapse if near 1): {summary.get('slot_cos', float('nan')):.3f}")
+    return "\n".join(lines)
 
 
 def _pairwise_cos(z: Tensor) -> Tensor:

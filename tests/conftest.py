@@ -1,0 +1,82 @@
+"""Shared fixtures: tiny embedded shard sets and tiny trained stage checkpoints, built once per session."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from vlt.cli import main as vlt
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# A stage fit small enough for a unit-test budget: the real configs, the real CLI, tiny overrides.
+TINY_TOKENIZER = [
+    "--model.init_args.tokenizer.width=32",
+    "--model.init_args.tokenizer.heads=2",
+    "--model.init_args.tokenizer.enc_depth=1",
+    "--model.init_args.tokenizer.dec_depth=1",
+    "--trainer.max_steps=6",
+    "--trainer.val_check_interval=3",
+    "--trainer.log_every_n_steps=1",
+    "--data.init_args.batches_per_epoch=3",
+    "--data.init_args.batch_size=8",
+    "--data.init_args.val_batch_size=32",
+    "--data.init_args.num_workers=0",
+]
+
+
+@pytest.fixture(autouse=True)
+def _not_a_slurm_job(monkeypatch):
+    """Tests outside the slurm tier must not look like SLURM runs to Lightning."""
+    for key in list(os.environ):
+        if key.startswith("SLURM_"):
+            monkeypatch.delenv(key)
+
+
+@pytest.fixture(scope="session")
+def tiny_shards(tmp_path_factory) -> dict[str, str]:
+    """Synthetic shards (256 train / 64 val) as glob patterns."""
+    from vlt.data.builders import synthetic
+
+    root = tmp_path_factory.mktemp("shards")
+    synthetic(out=str(root), n_train=256, n_val=64, shard_size=64, progress=False)
+    return {"train": str(root / "train-*.tar"), "val": str(root / "val-*.tar"), "root": str(root)}
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer(tmp_path_factory, tiny_shards) -> Path:
+    """A LitTokenizer checkpoint from a 6-step `vlt fit` of conf/tokenizer/tiny.yaml (tiny overrides)."""
+    runs = tmp_path_factory.mktemp("runs")
+    vlt(
+        [
+            "fit",
+            "-c",
+            str(ROOT / "conf/tokenizer/tiny.yaml"),
+            f"--runs_dir={runs}",
+            "--name=tok",
+            f"--data.init_args.train={tiny_shards['train']}",
+            f"--data.init_args.val={tiny_shards['val']}",
+            *TINY_TOKENIZER,
+        ]
+    )
+    return runs / "tok" / "checkpoints" / "last.ckpt"
+
+
+@pytest.fixture(scope="session")
+def tiny_latents(tmp_path_factory, tiny_shards, tiny_tokenizer) -> Path:
+    """A latent cache (train + val) of the tiny tokenizer."""
+    from vlt.data.latents import cache_latents
+
+    out = tmp_path_factory.mktemp("latents")
+    for split in ("train", "val"):
+        cache_latents(
+            tokenizer=str(tiny_tokenizer),
+            shards=tiny_shards[split],
+            out=str(out),
+            split=split,
+            batch_size=64,
+            num_workers=0,
+        )
+    return out

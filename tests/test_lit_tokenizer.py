@@ -1,0 +1,81 @@
+"""Stage 1 end to end: `vlt fit` of every merge mode, checkpoint round trip, merge table export."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from tests.conftest import ROOT, TINY_TOKENIZER
+from vlt.cli import main as vlt
+from vlt.lit import LitTokenizer
+from vlt.models.merge_ops import MergeTable
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.mark.parametrize("mode", ["nested", "tome", "fixed"])
+def test_fit_each_baseline(tmp_path, tiny_shards, mode):
+    extra = ["--model.init_args.merge.fixed_k=8"] if mode == "fixed" else []
+    vlt(
+        [
+            "fit",
+            "-c",
+            str(ROOT / "conf/tokenizer/tiny.yaml"),
+            f"--runs_dir={tmp_path}",
+            f"--name={mode}",
+            f"--data.init_args.train={tiny_shards['train']}",
+            f"--data.init_args.val={tiny_shards['val']}",
+            f"--model.init_args.merge.mode={mode}",
+            "--model.init_args.merge.full_k_fraction=0.0",
+            *TINY_TOKENIZER,
+            *extra,
+        ]
+    )
+    ckpt = tmp_path / mode / "checkpoints" / "last.ckpt"
+    model = LitTokenizer.load_from_checkpoint(ckpt).eval()
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    for k in model.val_ks:
+        assert model.reconstruct(x, k).shape == x.shape
+
+
+def test_lgm_run_outputs_and_checkpoint_round_trip(tiny_tokenizer, tiny_shards):
+    run_dir = tiny_tokenizer.parent.parent
+    assert (run_dir / "config.yaml").is_file()
+    assert list(run_dir.glob("events.out.tfevents.*")), "no TensorBoard events in the run directory"
+    table = MergeTable.load(run_dir / "merge_table.json")
+    assert table.ks == [4, 8, 16, 32] and table.nested()
+
+    ckpt = torch.load(tiny_tokenizer, map_location="cpu", weights_only=False)
+    stored = MergeTable.from_dict(ckpt["merge_table"])
+    a = LitTokenizer.load_from_checkpoint(tiny_tokenizer).eval()
+    b = LitTokenizer.load_from_checkpoint(tiny_tokenizer).eval()
+    # the table in the checkpoint is the one its (EMA) weights give
+    assert all(torch.equal(stored.assign[k], a.merge_table().assign[k]) for k in stored.ks)
+    x = torch.rand(4, 3, 32, 32) * 2 - 1
+    with torch.no_grad():
+        for k in (4, 16, 32):
+            assert torch.equal(a.reconstruct(x, k), b.reconstruct(x, k))
+            tokens = a.tokenize(x, k)
+            assert tokens.tokens.shape == (4, k, 16) and tokens.sizes.sum() == 32
+            assert torch.allclose(a.detokenize(tokens.tokens), a.reconstruct(x, k), atol=1e-5)
+
+
+def test_validation_logs_psnr_per_k(tiny_tokenizer):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(tiny_tokenizer.parent.parent), size_guidance={"images": 0, "scalars": 0})
+    acc.Reload()
+    tags = set(acc.Tags()["scalars"])
+    assert {f"val/psnr@k{k}" for k in (4, 8, 16, 32)} <= tags
+    assert {"val/slot_cos", "val/merged_cos@k8", "train/loss", "train/k"} <= tags
+    images = acc.Tags()["images"]
+    assert any("reconstructions" in t for t in images) and any("merge_pattern" in t for t in images)
+
+
+def test_resolved_config_reproduces_the_run(tiny_tokenizer):
+    config = (tiny_tokenizer.parent.parent / "config.yaml").read_text()
+    assert "class_path: vlt.lit.LitTokenizer" in config and "width: 32" in config
+    hparams = json.loads(json.dumps(LitTokenizer.load_from_checkpoint(tiny_tokenizer).hparams, default=str))
+    assert hparams["val_ks"] is None
