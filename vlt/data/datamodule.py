@@ -11,7 +11,9 @@ workers (the DataLoader itself has batch_size=None), so the main process only re
 from __future__ import annotations
 
 import functools
+import itertools
 import logging
+from collections.abc import Iterator
 from typing import Any, Literal
 
 import lightning as L
@@ -156,14 +158,24 @@ class WebDataModule(L.LightningDataModule):
             raise ValueError("WebDataModule has no val shards: pass val=... and call setup() first")
         tally = SkipTally()
         # Shards split by rank, then by worker: every sample once. Readers left without a shard
-        # (fewer shards than ranks x workers) simply yield nothing.
+        # (fewer shards than ranks x workers) simply yield nothing. The rank is read HERE, in the
+        # rank's own process: inside loader workers (under ddp_spawn, for one) webdataset's own
+        # detection can miss the process group and let every rank read every shard.
+        rank, world_size = self._rank()
         pipeline = wds.DataPipeline(
             wds.SimpleShardList(self.val_urls),
-            wds.split_by_node,
+            functools.partial(take_every, start=rank, step=world_size),
             wds.split_by_worker,
             *self._stages(tally, train=False),
         )
         return self._loader(pipeline)
+
+    def _rank(self) -> tuple[int, int]:
+        """(rank, world size): the trainer's when attached, else from RANK/WORLD_SIZE or torch.distributed."""
+        if self.trainer is not None:
+            return self.trainer.global_rank, self.trainer.world_size
+        rank, world_size, _, _ = wds.utils.pytorch_worker_info()
+        return rank, world_size
 
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         """Pop the skip count the workers attached to the batch, add it to `skipped`, warn with keys."""
@@ -189,11 +201,17 @@ class WebDataModule(L.LightningDataModule):
         self.skipped = int(state_dict.get("skipped", 0))
 
 
+def take_every(src: Iterator[Any], *, start: int, step: int) -> Iterator[Any]:
+    """Items start, start + step, ... of a stream: one rank's share of the shard list."""
+    yield from itertools.islice(src, start, None, step)
+
+
 class SkippedSamples(Callback):
     """Logs the datamodule's skip count as `data/skipped` through the LightningModule's logger.
 
-    The count is this rank's running total (the logger shows rank zero's), logged every training
-    step and at the end of each validation epoch, so a validate-only run reports it too.
+    Every training step it logs this rank's running total (the logger shows rank zero's, no
+    collective call per step); at the end of each validation epoch the totals of all ranks summed,
+    so a validate-only run reports it too.
     """
 
     def _log(self, trainer: L.Trainer, pl_module: L.LightningModule, **kw: Any) -> None:
@@ -205,4 +223,4 @@ class SkippedSamples(Callback):
         self._log(trainer, pl_module, on_step=True, on_epoch=False)
 
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._log(trainer, pl_module, on_epoch=True)
+        self._log(trainer, pl_module, on_epoch=True, sync_dist=True, reduce_fx="sum")
