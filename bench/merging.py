@@ -83,7 +83,10 @@ def main() -> None:
     parser.add_argument("--batch_s", type=int, default=4)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--skip_s", action="store_true", help="only the tiny rows")
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     rows = [
         bench("tiny", args.batch_tiny, args.repeats, device),

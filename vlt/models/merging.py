@@ -37,7 +37,7 @@ class MergeResult(NamedTuple):
 
 
 def _relabel(labels: np.ndarray) -> np.ndarray:
-    """Renumber clusters by their smallest member slot, so the table does not depend on scipy's ids."""
+    """Renumber clusters by their smallest member slot, so tables do not depend on the order of merges."""
     _, first = np.unique(labels, return_index=True)
     order = np.argsort(first)  # cluster ids sorted by first occurrence
     new = np.empty_like(order)
