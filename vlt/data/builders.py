@@ -167,8 +167,10 @@ def folder(
     seed: int = 0,
     progress: bool = True,
 ) -> dict:
-    """Any image directory -> shards. `root/<class>/<img>` gives labels (sorted class names -> 0..),
-    images directly in root get label -1. Undecodable files are skipped and counted, never fatal.
+    """Any image directory -> shards; undecodable files are skipped and counted, never fatal.
+
+    `root/<class>/<img>` gives labels (sorted class names -> 0, 1, ...); images directly in root
+    get label -1.
 
     Args:
         root: input directory (ImageFolder layout or flat).
