@@ -30,7 +30,7 @@ TINY_DIT = [
 
 @pytest.fixture(scope="module")
 def tiny_dit(tmp_path_factory, tiny_latents, tiny_tokenizer):
-    runs = tmp_path_factory.mktemp("dit-runs")
+    runs = tiny_tokenizer.parents[2]  # shares the tokenizer run's cached real FID statistics
     vlt(
         [
             "fit",
@@ -145,3 +145,5 @@ def test_val_loss_per_k_logged(tiny_dit):
     acc.Reload()
     assert {f"val/loss@k{k}" for k in (4, 8, 16, 32)} <= set(acc.Tags()["scalars"])
     assert any("samples" in t for t in acc.Tags()["images"])
+    assert {f"budget/gfid_proxy@k{k}_w1.5" for k in (4, 32)} <= set(acc.Tags()["scalars"])
+    assert (tiny_dit.parents[1] / "curves" / "budget_latest.json").is_file()

@@ -11,6 +11,7 @@ This is the only module that knows YAML exists. Config files are parsed by jsona
 from __future__ import annotations
 
 import importlib
+import json
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -82,12 +83,22 @@ def _resolve(spec: str) -> Callable | list[Callable]:
     return getattr(importlib.import_module(module), attr)
 
 
+def _leading_paths(args: list[str]) -> int:
+    """How many arguments before the first option."""
+    for i, a in enumerate(args):
+        if a.startswith("-"):
+            return i
+    return len(args)
+
+
 def main(argv: list[str] | None = None) -> None:
     args = list(sys.argv[1:] if argv is None else argv)
     if args and args[0] in TOOLS:
-        tool = args[0]
-        target = _resolve(TOOLS[tool])
-        jsonargparse.CLI(target, args=args[1:], prog=f"vlt {tool}", as_positional=False)
+        tool, rest = args[0], args[1:]
+        if tool == "curves":  # `vlt curves RUN_DIR [RUN_DIR ...]`: leading paths become --runs
+            paths = [a for a in rest if not a.startswith("-")][: _leading_paths(rest)]
+            rest = ([f"--runs={json.dumps(paths)}"] if paths else []) + rest[len(paths) :]
+        jsonargparse.CLI(_resolve(TOOLS[tool]), args=rest, prog=f"vlt {tool}", as_positional=False)
         return
     if args and args[0] in ("-h", "--help"):
         print(f"vlt tools (each has --help): {', '.join(TOOLS)}\n")

@@ -186,7 +186,7 @@ class TokenBudgetCallback(pl.Callback):
         rank, world = _world()
         device = pl_module.device
         images, labels = collect_images(trainer, self.num_images // world, self.batch_size)
-        fid = self._prepare_fid(images, device) if {"rfid", "gfid"} & set(self.metrics) else None
+        fid = self._prepare_fid(images, labels, device) if {"rfid", "gfid"} & set(self.metrics) else None
         rows, scalars = [], {}
         for k in self.ks:
             row: dict[str, Any] = {"step": trainer.global_step, "epoch": trainer.current_epoch, "k": k}
@@ -208,11 +208,13 @@ class TokenBudgetCallback(pl.Callback):
             scalars.update(self._scalar_names(row, values))
         return rows, scalars
 
-    def _prepare_fid(self, images: list[Tensor], device: torch.device):
+    def _prepare_fid(self, images: list[Tensor], labels: list[Tensor], device: torch.device):
         if self.fid is None:
             self.fid = build_fid(self.extractor, self.weights)
         self.fid = self.fid.to(device)
-        n_total = int(_all_sum([float(sum(len(x) for x in images))], self._reduce_device(device))[0])
+        # A latent loader has labels but no images: its sample count still names the real set size.
+        n_local = sum(len(x) for x in images) if images else sum(len(y) for y in labels)
+        n_total = int(_all_sum([float(n_local)], self._reduce_device(device))[0])
         side = images[0].shape[-1] if images else self.resolution
         if side is None:
             raise ValueError("the val dataloader gives no images: set TokenBudgetCallback(resolution=...)")
