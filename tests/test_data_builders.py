@@ -50,7 +50,7 @@ def test_synthetic_round_trip(tmp_path):
 def test_synthetic_is_reproducible_and_seeded(tmp_path):
     a, b, c = (tmp_path / n for n in "abc")
     builders.synthetic(out=str(a), n_train=6, n_val=2, seed=1, progress=False)
-    builders.synthetic(out=str(b), n_train=6, n_val=2, seed=1, progress=False)
+    builders.synthetic(out=str(b), n_train=6, n_val=2, seed=1, workers=1, progress=False)
     builders.synthetic(out=str(c), n_train=6, n_val=2, seed=2, progress=False)
     assert (a / "train-000000.tar").read_bytes() == (b / "train-000000.tar").read_bytes()
     assert (a / "train-000000.tar").read_bytes() != (c / "train-000000.tar").read_bytes()

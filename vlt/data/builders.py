@@ -7,9 +7,12 @@ line, and returns the info dict it wrote to `<out>/info.json`.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import time
+from collections.abc import Iterator
 from multiprocessing import Pool
+from multiprocessing.pool import Pool as PoolType
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +32,16 @@ def _png(pixels: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
+@contextlib.contextmanager
+def _pool(workers: int) -> Iterator[PoolType | None]:
+    """A process pool for workers > 1, else None (work in this process)."""
+    if workers <= 1:
+        yield None
+        return
+    with Pool(workers) as pool:
+        yield pool
+
+
 def _finish(name: str, writer: SplitWriter, info: dict[str, Any], skipped: int, t0: float) -> dict:
     n_shards = writer.close({**info, "skipped": skipped})
     c = writer.counts
@@ -40,6 +53,15 @@ def _finish(name: str, writer: SplitWriter, info: dict[str, Any], skipped: int, 
     return {"counts": dict(c), "shards": n_shards, **info, "skipped": skipped}
 
 
+def _synthetic_sample(job: tuple[int, str, int, int, int]) -> tuple[str, int, bytes, int, dict]:
+    """One synthetic sample from its own seeded generator (a pool job: top level, picklable)."""
+    seed, split, i, image_size, max_shapes = job
+    rng = np.random.default_rng([seed, 0 if split == "train" else 1, i])
+    img = synthetic_lib.render(rng, image_size, max_shapes)
+    meta = {"complexity": img.complexity, "source": "synthetic", "shapes": list(img.shapes)}
+    return split, i, _png(img.pixels), img.label, meta
+
+
 def synthetic(
     out: str = "data/synthetic/shards",
     n_train: int = 4000,
@@ -48,6 +70,7 @@ def synthetic(
     max_shapes: int = 10,
     shard_size: int = 500,
     seed: int = 0,
+    workers: int = 2,
     progress: bool = True,
 ) -> dict:
     """Procedural mixed-complexity images: colour gradients with 0..max_shapes shapes.
@@ -64,18 +87,18 @@ def synthetic(
         max_shapes: largest shape count (complexity range 0..max_shapes).
         shard_size: samples per shard.
         seed: base random seed.
+        workers: processes that render and encode (1 = in this process); output is identical.
         progress: show a progress bar.
     """
     t0 = time.perf_counter()
-    with SplitWriter(out, shard_size=shard_size) as writer:
-        jobs = [("train", i) for i in range(n_train)] + [("val", i) for i in range(n_val)]
-        for split, i in tqdm(jobs, desc="synthetic", disable=not progress, leave=False):
-            rng = np.random.default_rng([seed, 0 if split == "train" else 1, i])
-            img = synthetic_lib.render(rng, image_size, max_shapes)
-            meta = {"complexity": img.complexity, "source": "synthetic", "shapes": list(img.shapes)}
-            writer.write(
-                split, f"{split}_{i:06d}", image=_png(img.pixels), ext="png", label=img.label, meta=meta
-            )
+    jobs = [(seed, "train", i, image_size, max_shapes) for i in range(n_train)]
+    jobs += [(seed, "val", i, image_size, max_shapes) for i in range(n_val)]
+    with SplitWriter(out, shard_size=shard_size) as writer, _pool(workers) as pool:
+        samples = pool.imap(_synthetic_sample, jobs, chunksize=64) if pool else map(_synthetic_sample, jobs)
+        for split, i, image, label, meta in tqdm(
+            samples, total=len(jobs), desc="synthetic", disable=not progress, leave=False
+        ):
+            writer.write(split, f"{split}_{i:06d}", image=image, ext="png", label=label, meta=meta)
         info = {
             "builder": "synthetic",
             "image_size": image_size,
@@ -191,29 +214,16 @@ def folder(
     split_of = {e.key: "val" if i in val_idx else "train" for i, e in enumerate(entries)}
     jobs = [(e, resize) for e in entries]
     skipped, bad = 0, []
-    with SplitWriter(out, shard_size=shard_size) as writer:
-        pool = Pool(workers) if workers > 1 else None
-        results = (
-            pool.imap(folder_lib.encode_file, jobs, chunksize=16)
-            if pool
-            else map(folder_lib.encode_file, jobs)
-        )
-        try:
-            for entry, data, ext, error in tqdm(
-                results, total=len(jobs), desc="folder", disable=not progress
-            ):
-                if data is None:
-                    skipped += 1
-                    bad.append(f"{entry.path}: {error}")
-                    continue
-                meta = {"complexity": -1, "source": str(entry.path.relative_to(root))}
-                writer.write(
-                    split_of[entry.key], entry.key, image=data, ext=ext, label=entry.label, meta=meta
-                )
-        finally:
-            if pool:
-                pool.close()
-                pool.join()
+    with SplitWriter(out, shard_size=shard_size) as writer, _pool(workers) as pool:
+        encode = folder_lib.encode_file
+        results = pool.imap(encode, jobs, chunksize=16) if pool else map(encode, jobs)
+        for entry, data, ext, error in tqdm(results, total=len(jobs), desc="folder", disable=not progress):
+            if data is None:
+                skipped += 1
+                bad.append(f"{entry.path}: {error}")
+                continue
+            meta = {"complexity": -1, "source": str(entry.path.relative_to(root))}
+            writer.write(split_of[entry.key], entry.key, image=data, ext=ext, label=entry.label, meta=meta)
         for line in bad[:5]:
             print(f"folder: skipped {line}")
         info = {
