@@ -1,0 +1,97 @@
+"""Run-directory policy (vlt.runs): a new run never resumes a stale one; requeues and explicit resumes do."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from vlt import runs
+
+SLURM_FIRST = {"SLURM_JOB_ID": "42", "SLURM_RESTART_COUNT": "0"}
+SLURM_REQUEUED = {"SLURM_JOB_ID": "42", "SLURM_RESTART_COUNT": "1"}
+
+
+def _touch(path: Path, mtime: int) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(b"x")
+    os.utime(path, ns=(mtime * 10**9, mtime * 10**9))
+    return path
+
+
+@pytest.fixture
+def populated(tmp_path: Path) -> Path:
+    """A run directory with a ModelCheckpoint file and a newer hpc checkpoint (the preempted state)."""
+    run = tmp_path / "runs" / "exp"
+    _touch(run / "checkpoints" / "last.ckpt", 1000)
+    _touch(run / "hpc_ckpt_1.ckpt", 2000)
+    (run / "config.yaml").write_text("name: exp\n")
+    return run
+
+
+def test_fresh_or_checkpointless_dir_starts_fresh(tmp_path: Path) -> None:
+    assert runs.resume_path(tmp_path / "missing", ckpt_path=None, env={}) is None
+    run = tmp_path / "logs-only"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "events.out.tfevents.1.host").write_bytes(b"")
+    assert runs.resume_path(run, ckpt_path=None, env={}) is None
+
+
+@pytest.mark.parametrize(
+    "env", [{}, SLURM_FIRST, {"SLURM_RESTART_COUNT": "3"}], ids=["local", "slurm", "no-job"]
+)
+def test_new_run_on_populated_dir_is_refused(populated: Path, env: dict) -> None:
+    with pytest.raises(runs.StaleRunError) as err:
+        runs.resume_path(populated, ckpt_path=None, env=env)
+    message = str(err.value)
+    assert str(populated) in message
+    assert "--name=" in message and "--ckpt_path=last" in message and "delete" in message
+
+
+def test_explicit_resume_is_allowed(populated: Path) -> None:
+    # "last" means the newest state of the run, hpc checkpoints included (Lightning's "last" skips them).
+    assert runs.resume_path(populated, ckpt_path="last", env={}) == str(populated / "hpc_ckpt_1.ckpt")
+    other = str(populated / "checkpoints" / "last.ckpt")
+    assert runs.resume_path(populated, ckpt_path=other, env={}) == other
+
+
+def test_requeue_resumes_from_newest_checkpoint(populated: Path) -> None:
+    assert runs.resume_path(populated, ckpt_path=None, env=SLURM_REQUEUED) == str(
+        populated / "hpc_ckpt_1.ckpt"
+    )
+    _touch(populated / "hpc_ckpt_2.ckpt", 3000)
+    # The job's original --ckpt_path is older than anything it wrote since: the newest wins.
+    old = str(populated / "checkpoints" / "last.ckpt")
+    assert runs.resume_path(populated, ckpt_path=old, env=SLURM_REQUEUED) == str(
+        populated / "hpc_ckpt_2.ckpt"
+    )
+    _touch(populated / "checkpoints" / "step4000.ckpt", 4000)
+    expected = str(populated / "checkpoints" / "step4000.ckpt")
+    assert runs.resume_path(populated, ckpt_path=None, env=SLURM_REQUEUED) == expected
+
+
+def test_requeue_before_any_checkpoint_starts_like_the_original_job(tmp_path: Path) -> None:
+    assert runs.resume_path(tmp_path / "r", ckpt_path=None, env=SLURM_REQUEUED) is None
+    assert runs.resume_path(tmp_path / "r", ckpt_path="init.ckpt", env=SLURM_REQUEUED) == "init.ckpt"
+
+
+@pytest.mark.parametrize(
+    ("env", "count"),
+    [
+        ({}, 0),
+        ({"SLURM_RESTART_COUNT": "2"}, 0),
+        (SLURM_FIRST, 0),
+        (SLURM_REQUEUED, 1),
+        ({"SLURM_JOB_ID": "1"}, 0),
+    ],
+)
+def test_restart_count_needs_a_slurm_job(env: dict, count: int) -> None:
+    assert runs.slurm_restart_count(env) == count
+
+
+def test_check_command(populated: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    assert runs.main(["check", str(tmp_path / "new")]) == 0
+    assert runs.main(["check", str(populated), "--ckpt_path", "last"]) == 0
+    assert runs.main(["check", str(populated)]) == 1
+    assert "already holds checkpoints" in capsys.readouterr().err
