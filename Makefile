@@ -23,8 +23,22 @@ STAMP := $(VENV)/.vlt-installed
 SYNTHETIC := data/synthetic/shards/info.json
 PHOTOS := data/photos/shards/info.json
 
+#: NODES   LAUNCH=slurm: nodes of the job
+NODES ?= 1
+#: GPUS    LAUNCH=slurm: GPUs (= tasks) per node; GPUS=0 runs DEVICES CPU tasks per node (DDP on gloo)
+GPUS ?= 1
+#: DEVICES LAUNCH=slurm with GPUS=0: CPU tasks per node
+DEVICES ?= 1
+#: CPUS    LAUNCH=slurm: CPUs per task (data workers + 1); TIME, PARTITION, ACCOUNT go to sbatch when set
+CPUS ?=
+TIME ?=
+PARTITION ?=
+ACCOUNT ?=
+SUBMIT = NODES=$(NODES) GPUS=$(GPUS) DEVICES=$(DEVICES) CPUS=$(CPUS) TIME=$(TIME) PARTITION=$(PARTITION) \
+	ACCOUNT=$(ACCOUNT) VLT=$(BIN)/vlt scripts/slurm/submit.sh
+
 # $(call launch,CLI ARGS): run one `vlt` command here, or submit it (LAUNCH=slurm).
-launch = $(BIN)/vlt $(1) $(ARGS)
+launch = $(if $(filter slurm,$(LAUNCH)),$(SUBMIT),$(BIN)/vlt) $(1) $(ARGS)
 
 #: TOKENIZER  stage-1 checkpoint that stage 2 caches latents from
 TOKENIZER ?= runs/tokenizer-tiny/checkpoints/last.ckpt
@@ -75,8 +89,23 @@ train-dit: $(STAMP) $(LATENTS)/done-train-r0.json ## stage 2: train the DiT on c
 sample: $(STAMP) ## sample grids + npz at every K from the tiny DiT (DIT=runs/dit-tiny/checkpoints/last.ckpt)
 	$(BIN)/vlt sample --dit $${DIT:-runs/dit-tiny/checkpoints/last.ckpt} --out runs/dit-tiny/samples $(ARGS)
 
-test: $(STAMP) ## run every test tier (unit, data, config, smoke, ddp, notebooks)
-	$(BIN)/python -m pytest -q
+# The slurm tier: a one-node Slurm started here, the tests, and the cluster stopped whatever they did.
+slurm_tier = (scripts/slurm/local_cluster.sh up >/dev/null || echo "no local Slurm: the slurm tests will skip"; \
+	SLURM_CONF=$(CURDIR)/.slurm/slurm.conf $(BIN)/python -m pytest -q -m slurm; status=$$?; \
+	scripts/slurm/local_cluster.sh down; exit $$status)
+
+test: $(STAMP) ## run every test tier (unit, data, config, smoke, ddp, notebooks), then slurm (a local Slurm)
+	$(BIN)/python -m pytest -q -m "not slurm"; status=$$?; $(slurm_tier) || status=1; exit $$status
+
+.PHONY: test-slurm slurm-up slurm-down
+test-slurm: $(STAMP) ## slurm tier: start a one-node Slurm here (root; installs it via apt), run it, stop it
+	$(slurm_tier)
+
+slurm-up: ## start the local one-node Slurm (root); prints `export SLURM_CONF=...` for sbatch/squeue
+	scripts/slurm/local_cluster.sh up
+
+slurm-down: ## stop the local Slurm started by slurm-up
+	scripts/slurm/local_cluster.sh down
 
 test-fast: $(STAMP) ## unit/contract/config/data tests only (skips slow, ddp and slurm tiers)
 	$(BIN)/python -m pytest -q -m "not slow and not ddp and not slurm"
