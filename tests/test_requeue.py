@@ -36,20 +36,24 @@ SLURM_TASK = {
 class Tiny(L.LightningModule):
     """A linear regression that records the global step of every training step it runs."""
 
-    def __init__(self, *, signal_at: int | None = None) -> None:
+    def __init__(self, *, signal_at: int | None = None, during: str = "optimizer_step") -> None:
         super().__init__()
         self.net = nn.Linear(4, 1)
-        self.signal_at = signal_at
+        self.signal_at, self.during = signal_at, during
         self.steps: list[int] = []
 
     def training_step(self, batch: list[torch.Tensor], batch_idx: int) -> torch.Tensor:
+        first_micro_batch = self.global_step not in self.steps
         self.steps.append(self.global_step)
+        if self.during == "training_step" and self.global_step == self.signal_at and first_micro_batch:
+            # Half-way through a gradient accumulation: nothing of this step may be saved yet.
+            os.kill(os.getpid(), signal.SIGUSR1)
         x, y = batch
         return nn.functional.mse_loss(self.net(x), y)
 
     def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
         super().optimizer_step(*args, **kwargs)
-        if self.global_step == self.signal_at:
+        if self.during == "optimizer_step" and self.global_step == self.signal_at:
             # What Slurm does 90 s before the time limit, at the worst moment: the optimizer has stepped,
             # the step counter and the EMA have not. Lightning's own handler saves (3, 4, 3) here.
             os.kill(os.getpid(), signal.SIGUSR1)
@@ -58,11 +62,12 @@ class Tiny(L.LightningModule):
         return torch.optim.AdamW(self.parameters(), lr=1e-2)
 
 
-def _trainer(root: Path, max_steps: int) -> L.Trainer:
+def _trainer(root: Path, max_steps: int, accumulate: int = 1) -> L.Trainer:
     return L.Trainer(
         accelerator="cpu",
         devices=1,
         max_steps=max_steps,
+        accumulate_grad_batches=accumulate,
         default_root_dir=root,
         logger=False,
         enable_checkpointing=False,
@@ -98,8 +103,9 @@ def test_prepare_fit_arms_requeue_only_under_slurm(tmp_path: Path, monkeypatch: 
     assert isinstance(slurm.callbacks[-1], requeue.RequeueAtStepEnd)
 
 
+@pytest.mark.parametrize(("accumulate", "during"), [(1, "optimizer_step"), (2, "training_step")])
 def test_sigusr1_checkpoint_at_step_end_resumes_exactly(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    accumulate: int, during: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     torch.manual_seed(0)
     for key, value in SLURM_TASK.items():
@@ -109,7 +115,7 @@ def test_sigusr1_checkpoint_at_step_end_resumes_exactly(
     monkeypatch.setattr(requeue, "requeue_job", lambda env=None: requeued.append(True) or 0)
     root, total = tmp_path / "run", 9
 
-    first, model = _trainer(root, total), Tiny(signal_at=3)
+    first, model = _trainer(root, total, accumulate), Tiny(signal_at=3, during=during)
     with pytest.raises(SystemExit):
         first.fit(model, _loader(), ckpt_path=runs.prepare_fit(first, ckpt_path=None))
     hpc = root / "hpc_ckpt_1.ckpt"
@@ -119,12 +125,13 @@ def test_sigusr1_checkpoint_at_step_end_resumes_exactly(
 
     # A new job in the same directory is refused; the requeued job resumes from the hpc checkpoint.
     with pytest.raises(runs.StaleRunError):
-        runs.prepare_fit(_trainer(root, total), ckpt_path=None)
+        runs.prepare_fit(_trainer(root, total, accumulate), ckpt_path=None)
     monkeypatch.setenv("SLURM_RESTART_COUNT", "1")
-    second, resumed = _trainer(root, total), Tiny()
+    second, resumed = _trainer(root, total, accumulate), Tiny()
     path = runs.prepare_fit(second, ckpt_path=None)
     assert path == str(hpc)
     second.fit(resumed, _loader(), ckpt_path=path)
-    assert model.steps + resumed.steps == list(range(total))
+    # Each optimizer step ran its micro-batches exactly once, over the two jobs.
+    assert model.steps + resumed.steps == [step for step in range(total) for _ in range(accumulate)]
     second.save_checkpoint(root / "final.ckpt")
     assert _counters(root / "final.ckpt") == (total, total, total)
