@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -90,8 +92,50 @@ def test_restart_count_needs_a_slurm_job(env: dict, count: int) -> None:
     assert runs.slurm_restart_count(env) == count
 
 
-def test_check_command(populated: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+def test_check_command(
+    populated: Path, tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("SLURM_JOB_ID", raising=False)
     assert runs.main(["check", str(tmp_path / "new")]) == 0
     assert runs.main(["check", str(populated), "--ckpt_path", "last"]) == 0
     assert runs.main(["check", str(populated)]) == 1
     assert "already holds checkpoints" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_submit_helper_composes_the_job(tmp_path: Path) -> None:
+    """scripts/slurm/submit.sh against a stand-in sbatch: job shape, trainer overrides, stale-run refusal."""
+    root = Path(__file__).resolve().parents[1]
+    fake = tmp_path / "bin" / "sbatch"
+    fake.parent.mkdir()
+    fake.write_text('#!/usr/bin/env bash\necho "$@" > "$(dirname "$0")/args"\necho "123;cluster"\n')
+    fake.chmod(0o755)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+    env.update(PATH=f"{fake.parent}:{env['PATH']}", NODES="2", GPUS="4", CPUS="6", TIME="1:00:00")
+    env.update(PARTITION="gpu", ACCOUNT="proj", VLT=str(Path(sys.executable).parent / "vlt"))
+    cmd = [str(root / "scripts/slurm/submit.sh"), "fit", "-c", str(root / "conf/tokenizer/tiny.yaml")]
+    cmd += [f"--runs_dir={tmp_path}/runs", "--name=exp", "--trainer.max_steps=7"]
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert f"submitted job 123\nrun directory {tmp_path}/runs/exp\n" in done.stdout
+    args = (fake.parent / "args").read_text().split()
+    for option in ["--nodes=2", "--ntasks-per-node=4", "--gres=gpu:4", "--cpus-per-task=6", "--time=1:00:00"]:
+        assert option in args
+    assert "--partition=gpu" in args and "--account=proj" in args
+    assert f"--output={tmp_path}/runs/exp/slurm-%j.out" in args
+    # Stage config, then the SLURM trainer partial, then the user's overrides, then the job's shape.
+    cli = args[args.index(str(root / "scripts/slurm/vlt.sbatch")) + 1 :]
+    assert cli[:5] == [
+        "fit",
+        "-c",
+        str(root / "conf/tokenizer/tiny.yaml"),
+        "-c",
+        str(root / "conf/trainer/slurm.yaml"),
+    ]
+    assert cli[-3:] == ["--trainer.max_steps=7", "--trainer.num_nodes=2", "--trainer.devices=4"]
+
+    _touch(tmp_path / "runs" / "exp" / "checkpoints" / "last.ckpt", 1000)
+    (fake.parent / "args").unlink()
+    again = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600, cwd=tmp_path)
+    assert again.returncode != 0 and "already holds checkpoints" in again.stderr
+    assert not (fake.parent / "args").exists()
