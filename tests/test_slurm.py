@@ -21,6 +21,8 @@ pytestmark = pytest.mark.slurm
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
+# Read at import: autouse fixtures may clear SLURM_* variables before each test.
+SLURM_CONF = os.environ.get("SLURM_CONF") or str(ROOT / ".slurm" / "slurm.conf")
 TOTAL = 300  # optimizer steps of the requeue test: long enough for the signal to arrive mid-run
 TINY = [
     "--model.init_args.tokenizer.width=32",
@@ -38,9 +40,8 @@ TINY = [
 def _env(**extra: str) -> dict[str, str]:
     """This environment without SLURM_* job variables (pytest may itself run inside a job), plus extra."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
-    conf = os.environ.get("SLURM_CONF") or str(ROOT / ".slurm" / "slurm.conf")
-    if Path(conf).is_file():
-        env["SLURM_CONF"] = conf
+    if Path(SLURM_CONF).is_file():
+        env["SLURM_CONF"] = SLURM_CONF
     env.update(extra)
     return env
 
@@ -138,7 +139,7 @@ def test_make_train_tokenizer_on_slurm(cluster: None, shards: Path, tmp_path: Pa
         "NODES=1",
         f"VENV={BIN.parent}",
         f"SYNTHETIC={shards}/info.json",
-        f"PHOTOS={shards}/info.json",
+        f"PHOTOS={shards}/train-000000.tar",  # any existing file satisfies the data prerequisite
         "ARGS=" + " ".join(args),
     ]
     done = _run(make, cwd=ROOT)
