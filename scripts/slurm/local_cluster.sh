@@ -43,7 +43,7 @@ write_conf() {
   cat >"$CONF" <<EOF
 # Written by scripts/slurm/local_cluster.sh: one node, no accounting, state under $DIR.
 ClusterName=vlt-local
-SlurmctldHost=$host
+SlurmctldHost=$host(127.0.0.1)
 SlurmUser=root
 SlurmctldPort=6817
 SlurmdPort=6818
@@ -70,7 +70,7 @@ KillWait=30
 InactiveLimit=0
 MinJobAge=300
 Waittime=0
-NodeName=$host CPUs=$cpus RealMemory=$mem State=UNKNOWN
+NodeName=$host NodeAddr=127.0.0.1 CPUs=$cpus RealMemory=$mem State=UNKNOWN
 PartitionName=debug Nodes=$host Default=YES MaxTime=INFINITE State=UP OverSubscribe=NO
 EOF
 }
@@ -110,7 +110,8 @@ up() {
   write_conf
   start_munge
   if ! { [ -f "$DIR/run/slurmctld.pid" ] && kill -0 "$(cat "$DIR/run/slurmctld.pid")" 2>/dev/null; }; then
-    slurmctld -f "$CONF" -i
+    # -c: a fresh queue; jobs of an earlier, aborted session must not start again.
+    slurmctld -f "$CONF" -c
   fi
   if ! { [ -f "$DIR/run/slurmd.pid" ] && kill -0 "$(cat "$DIR/run/slurmd.pid")" 2>/dev/null; }; then
     slurmd -f "$CONF"
