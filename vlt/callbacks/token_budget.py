@@ -70,6 +70,14 @@ def _all_sum(values: list[float], device: torch.device) -> list[float]:
     return t.tolist()
 
 
+def _all_max(value: float, device: torch.device) -> float:
+    """Max of a float over ranks."""
+    t = torch.tensor([value], dtype=torch.float64, device=device)
+    if _world()[1] > 1:
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return float(t.item())
+
+
 class TokenBudgetCallback(pl.Callback):
     """Evaluate PSNR / rFID / gFID, tokens and FLOPs per image at every K in `ks`.
 
@@ -215,12 +223,15 @@ class TokenBudgetCallback(pl.Callback):
         # A latent loader has labels but no images: its sample count still names the real set size.
         n_local = sum(len(x) for x in images) if images else sum(len(y) for y in labels)
         n_total = int(_all_sum([float(n_local)], self._reduce_device(device))[0])
-        side = images[0].shape[-1] if images else self.resolution
+        # A rank may hold no images (exactly-once validation split): agree on the side over ranks.
+        side_local = images[0].shape[-1] if images else (self.resolution or 0)
+        side = int(_all_max(float(side_local), self._reduce_device(device))) or None
         if side is None:
             raise ValueError("the val dataloader gives no images: set TokenBudgetCallback(resolution=...)")
         key = RealStatsKey(self.dataset_id, self.fid.inception.name, int(side), n_total)
         if key != self._real_key:  # reused across validations while the key holds
-            if not images and not self.cache.exists(key):
+            any_images = _all_max(1.0 if images else 0.0, self._reduce_device(device)) > 0
+            if not any_images and not self.cache.exists(key):
                 raise ValueError(
                     "no real images in the val dataloader and no cached statistics at "
                     f"{self.cache.path(key)}: run an image evaluation with the same dataset_id and "

@@ -108,6 +108,9 @@ class LitDiT(L.LightningModule):
         )
         self.register_buffer("latent_mean", mean)
         self.register_buffer("latent_std", std)
+        # Constant buffers: keep DDP from broadcasting them on every forward, which would hang
+        # validation when ranks hold different numbers of batches (exactly-once split).
+        self._ddp_params_and_buffers_to_ignore = [name for name, _ in self.named_buffers()]
         self.val_loss = nn.ModuleDict({str(k): MeanMetric() for k in ks})
         self._decoder: list = []  # the tokenizer, loaded lazily; a list keeps it out of state_dict
 

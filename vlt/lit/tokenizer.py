@@ -60,6 +60,7 @@ class LitTokenizer(L.LightningModule):
         self.val_psnr = nn.ModuleDict({str(k): MeanMetric() for k in self.val_ks})
         self.val_merged_cos = nn.ModuleDict({str(k): MeanMetric() for k in self.val_ks})
         self.val_slot_cos = MeanMetric()
+        self.val_mse = MeanMetric()
         self.last_summary: dict[str, float] = {}
 
     @property
@@ -122,18 +123,20 @@ class LitTokenizer(L.LightningModule):
             same = _same_cluster(self.merger, z, k) & off_diag
             if same.any():
                 self.val_merged_cos[str(k)].update(cos[:, same].mean(1) if same.ndim == 2 else cos[same])
-        self.log("val/loss", F.mse_loss(self.reconstruct(images, self.n_slots), images), sync_dist=True)
+        # A metric, not sync_dist: validation batch counts may differ between ranks (exactly-once split).
+        self.val_mse.update(F.mse_loss(self.reconstruct(images, self.n_slots), images))
 
     def on_validation_epoch_end(self) -> None:
-        summary = {"slot_cos": self.val_slot_cos.compute().item()}
+        summary = {"loss": self.val_mse.compute().item(), "slot_cos": self.val_slot_cos.compute().item()}
         self.val_slot_cos.reset()
+        self.val_mse.reset()
         for k in self.val_ks:
             summary[f"psnr@k{k}"] = self.val_psnr[str(k)].compute().item()
             self.val_psnr[str(k)].reset()
-            metric = self.val_merged_cos[str(k)]
-            if metric.update_count:
-                summary[f"merged_cos@k{k}"] = metric.compute().item()
-            metric.reset()
+            # The condition must be the same on every rank: compute() is a collective under DDP.
+            if k < self.n_slots and self.merger.mode != "nested":
+                summary[f"merged_cos@k{k}"] = self.val_merged_cos[str(k)].compute().item()
+            self.val_merged_cos[str(k)].reset()
         self.log_dict({f"val/{name}": value for name, value in summary.items()})
         if not self.trainer.sanity_checking:
             self.last_summary = summary
@@ -153,9 +156,10 @@ class LitTokenizer(L.LightningModule):
 
     def on_fit_end(self) -> None:
         """Export the final pattern beside the run's checkpoints and print the last validation per K."""
-        if not self.trainer.is_global_zero or not self.trainer.log_dir:
+        log_dir = self.trainer.log_dir  # a broadcast under DDP: every rank must ask
+        if not self.trainer.is_global_zero or not log_dir:
             return
-        run_dir = Path(self.trainer.log_dir)
+        run_dir = Path(log_dir)
         table = self.merge_table()
         if table is not None:
             table.save(run_dir / "merge_table.json")

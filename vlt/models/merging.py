@@ -221,7 +221,9 @@ class Merger(nn.Module):
             raise ValueError(f"{n_slots} slots do not split into {blocks} equal blocks")
         self.mode, self.n_slots, self.grid = mode, n_slots, grid
         self.noise, self.blocks, self.tau, self.margin = noise, blocks, tau, margin
-        self.register_buffer("grid_weights", torch.tensor(weights), persistent=False)
+        # A plain tensor, not a buffer: DDP broadcasts buffers on every forward, which hangs validation
+        # when ranks hold different numbers of batches.
+        self.grid_weights = torch.tensor(weights)
         self.e = nn.Parameter(torch.randn(n_slots, embed_dim) * init_std) if self.learned else None
         self.mask = nn.Parameter(torch.zeros(channels)) if mode == "nested" and channels else None
         self._cache: dict[int, Tensor] = {}
@@ -233,7 +235,7 @@ class Merger(nn.Module):
 
     def sample_k(self, generator: torch.Generator | None = None) -> int:
         """A training K drawn from the weighted grid."""
-        i = torch.multinomial(self.grid_weights.cpu(), 1, generator=generator).item()
+        i = torch.multinomial(self.grid_weights, 1, generator=generator).item()
         return self.grid[int(i)]
 
     def assignment(self, k: int) -> Tensor:
