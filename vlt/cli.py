@@ -54,7 +54,9 @@ class VLTCLI(LightningCLI):
         parser.add_argument("--name", type=str, default="run", help="Run name: outputs go to runs/<name>/")
         parser.add_argument("--runs_dir", type=str, default="runs", help="Parent folder of run directories")
         parser.add_argument("--latents", type=str, default="", help="Latent cache folder (stage-2 configs)")
-        parser.add_argument("--imagenet", type=str, default="", help="Image shard folder (paper-scale configs)")
+        parser.add_argument(
+            "--imagenet", type=str, default="", help="Image shard folder (paper-scale configs)"
+        )
 
     def before_instantiate_classes(self) -> None:
         """Give every run one fixed directory, runs_dir/name, unless the config sets its own.

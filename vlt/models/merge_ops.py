@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterable
 from dataclasses import dataclass
+from itertools import pairwise
 from pathlib import Path
 
 import torch
@@ -87,7 +88,7 @@ class MergeTable:
     def nested(self) -> bool:
         """True when every coarser cut is a union of clusters of every finer cut."""
         ks = self.ks
-        for small, big in zip(ks, ks[1:]):
+        for small, big in pairwise(ks):
             fine, coarse = self.assign[big], self.assign[small]
             # Each fine cluster must map into exactly one coarse cluster.
             pairs = torch.unique(torch.stack([fine, coarse]), dim=1)

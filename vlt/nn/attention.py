@@ -9,7 +9,6 @@ slots that broadcast them. The bias rides in SDPA's `attn_mask` as a float tenso
 
 from __future__ import annotations
 
-import torch
 import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
