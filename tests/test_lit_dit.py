@@ -7,43 +7,12 @@ import pytest
 import torch
 import webdataset as wds
 
-from tests.conftest import ROOT
+from tests.conftest import ROOT, TINY_DIT
 from vlt.cli import main as vlt
 from vlt.data.latents import cache_latents, latent_stats
 from vlt.lit import LitDiT, LitTokenizer
 
 pytestmark = pytest.mark.slow
-
-TINY_DIT = [
-    "--model.init_args.dit.width=32",
-    "--model.init_args.dit.depth=1",
-    "--model.init_args.dit.heads=2",
-    "--model.init_args.flow.sample_steps=2",
-    "--trainer.max_steps=6",
-    "--trainer.val_check_interval=3",
-    "--trainer.log_every_n_steps=1",
-    "--data.init_args.batches_per_epoch=3",
-    "--data.init_args.batch_size=16",
-    "--data.init_args.num_workers=0",
-]
-
-
-@pytest.fixture(scope="module")
-def tiny_dit(tmp_path_factory, tiny_latents, tiny_tokenizer):
-    runs = tiny_tokenizer.parents[2]  # shares the tokenizer run's cached real FID statistics
-    vlt(
-        [
-            "fit",
-            "-c",
-            str(ROOT / "conf/dit/tiny.yaml"),
-            f"--runs_dir={runs}",
-            "--name=dit",
-            f"--latents={tiny_latents}",
-            f"--model.init_args.tokenizer={tiny_tokenizer}",
-            *TINY_DIT,
-        ]
-    )
-    return runs / "dit" / "checkpoints" / "last.ckpt"
 
 
 def test_latent_shards_round_trip(tiny_latents, tiny_tokenizer, tiny_shards):
