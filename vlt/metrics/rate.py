@@ -14,8 +14,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from torch import Tensor
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
+
+from vlt.objectives.recon import psnr  # noqa: F401  (re-exported: one definition for logs and curves)
 
 
 def _cpu_sdpa_flops(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
@@ -50,24 +51,6 @@ def transformer_flops(tokens: int, width: int, depth: int, mlp_hidden: int, *, g
     attention = 2 * n * d * 3 * d + 2 * n * n * d + 2 * n * n * d + 2 * n * d * d
     mlp = 2 * n * d * mlp_hidden * (3 if gated else 2)
     return depth * (attention + mlp)
-
-
-def psnr(x: Tensor, y: Tensor) -> Tensor:
-    """Peak signal-to-noise ratio in dB per image, for images in [-1, 1] (peak-to-peak range 2).
-
-    Both inputs are clamped to [-1, 1] first, as a saved or displayed image would be.
-
-    Args:
-        x, y: (B, C, H, W) images in [-1, 1].
-
-    Returns:
-        (B,) float32 PSNR; 100 dB caps identical images instead of returning inf.
-    """
-    if x.shape != y.shape:
-        raise ValueError(f"psnr needs equal shapes, got {tuple(x.shape)} and {tuple(y.shape)}")
-    diff = (x.float().clamp(-1, 1) - y.float().clamp(-1, 1)) / 2  # (B, C, H, W) in [0, 1] units
-    mse = diff.square().flatten(1).mean(dim=1)  # (B,)
-    return (10 * torch.log10(1.0 / mse.clamp_min(1e-10))).clamp_max(100.0)
 
 
 @dataclass(frozen=True)

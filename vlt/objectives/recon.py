@@ -17,13 +17,22 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 
-def psnr(x: Tensor, x_hat: Tensor) -> Tensor:
-    """Per-image PSNR in dB for images in [-1, 1] (peak-to-peak 2). x, x_hat: (B, C, H, W) -> (B,).
+def psnr(x: Tensor, y: Tensor) -> Tensor:
+    """Peak signal-to-noise ratio in dB per image, for images in [-1, 1] (peak-to-peak range 2).
 
-    The prediction is clamped to [-1, 1] first, as it would be when saved as an image.
+    Both inputs are clamped to [-1, 1] first, as a saved or displayed image would be.
+
+    Args:
+        x, y: (B, C, H, W) images in [-1, 1].
+
+    Returns:
+        (B,) float32 PSNR; 100 dB caps identical images instead of returning inf.
     """
-    mse = (x_hat.clamp(-1, 1).float() - x.float()).pow(2).flatten(1).mean(1)  # (B,)
-    return 10.0 * torch.log10(4.0 / mse.clamp_min(1e-10))
+    if x.shape != y.shape:
+        raise ValueError(f"psnr needs equal shapes, got {tuple(x.shape)} and {tuple(y.shape)}")
+    diff = (x.float().clamp(-1, 1) - y.float().clamp(-1, 1)) / 2  # (B, C, H, W) in [0, 1] units
+    mse = diff.square().flatten(1).mean(dim=1)  # (B,)
+    return (10 * torch.log10(1.0 / mse.clamp_min(1e-10))).clamp_max(100.0)
 
 
 class PerceptualNet(nn.Module):
