@@ -21,7 +21,7 @@ from torchmetrics import MeanMetric
 from vlt.data.latents import cache_meta, latent_stats
 from vlt.lit.specs import OptimSpec, allow_in_checkpoints, param_groups
 from vlt.models.dit import DiT, DiTConfig
-from vlt.models.merge_ops import MergeTable
+from vlt.models.merge_ops import MergeTable, column_normalise, merge, one_hot, unmerge
 from vlt.objectives.flow import RectifiedFlow
 
 
@@ -124,9 +124,8 @@ class LitDiT(L.LightningModule):
         """Gbar (N, K) and sizes (K,) of level K on this module's device."""
         if k not in self.ks:
             raise ValueError(f"K={k} is not served by this DiT; choose one of {self.ks}")
-        gamma = torch.nn.functional.one_hot(getattr(self, f"assign_{k}"), k).float()  # (N, K)
-        sizes = gamma.sum(0)  # (K,)
-        return gamma / sizes, sizes
+        gamma = one_hot(getattr(self, f"assign_{k}"), k)  # (N, K)
+        return column_normalise(gamma), gamma.sum(0)
 
     def normalise(self, z: Tensor) -> Tensor:
         return (z - self.latent_mean) / self.latent_std
@@ -145,7 +144,7 @@ class LitDiT(L.LightningModule):
 
     def _loss(self, batch: dict, k: int) -> dict[str, Tensor]:
         gbar, sizes = self.pattern(k)
-        x1 = torch.einsum("nk,bnc->bkc", gbar, self.normalise(batch["latent"]))  # (B, K, C)
+        x1 = merge(self.normalise(batch["latent"]), gbar)  # (B, K, C)
         return self.flow.training_losses(self.dit, x1, self.labels(batch["label"]), gbar, sizes)
 
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:
@@ -228,8 +227,7 @@ class LitDiT(L.LightningModule):
     def generate(self, labels: Tensor, k: int, **kwargs) -> Tensor:
         """Sample images (B, 3, H, W) in [-1, 1] at K tokens: sample, unmerge, decode."""
         tokens = self.generate_latents(labels, k, **kwargs)  # (B, K, C)
-        gamma = torch.nn.functional.one_hot(getattr(self, f"assign_{k}"), k).to(tokens)  # (N, K)
-        z = torch.einsum("nk,bkc->bnc", gamma, tokens)  # (B, N, C)
+        z = unmerge(tokens, one_hot(getattr(self, f"assign_{k}"), k))  # (B, N, C)
         return self.decoder().tokenizer.decode(z).clamp(-1, 1)
 
     # --- the token-budget protocol (vlt.callbacks.token_budget) ---
