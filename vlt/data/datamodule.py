@@ -6,6 +6,10 @@ Batches are dicts. kind="images": {"image": (B, 3, H, W) float32 in [-1, 1], "la
 "complexity": (B,) long, "key": list[str]}. kind="latents": {"latent": (B, N, C) float32, "label",
 "complexity", "k": (B,) long (-1 if absent), "key"}. Decoding and collation run inside the loader
 workers (the DataLoader itself has batch_size=None), so the main process only receives tensors.
+
+With an `allocation` (content-adaptive K), latent batches are bucketed by K_i: every batch holds one
+K (no padding), train still yields exactly `batches_per_epoch` batches per rank, and validation still
+reads every sample exactly once (the partial buckets are flushed at the end of each reader's stream).
 """
 
 from __future__ import annotations
@@ -20,10 +24,13 @@ import lightning as L
 import webdataset as wds
 from lightning.pytorch.callbacks import Callback
 
+from vlt.adaptive.store import load_allocation, load_ks
 from vlt.data.shards import resolve_shards, shard_info
 from vlt.data.stream import (
     SkipTally,
+    attach_ks,
     batch_records,
+    bucket_by_k,
     collate_images,
     collate_latents,
     decode_images,
@@ -65,6 +72,10 @@ class WebDataModule(L.LightningDataModule):
         random_flip: random horizontal flips for training images.
         crop: "center" or "random" square crop for training images (validation is always centred).
         seed: seed of the augmentation random numbers (mixed with rank and worker).
+        allocation: allocation.json (or its cache folder) written by `vlt allocate`; kind="latents"
+            only. Each record gets `k` = K_i by key (k-train.npz for the train loader, k-val.npz for
+            val; keys it lacks are skipped and counted) and batches are bucketed by K: at most
+            G * (batch_size - 1) records wait in the G buckets of each reader.
     """
 
     def __init__(
@@ -82,6 +93,7 @@ class WebDataModule(L.LightningDataModule):
         random_flip: bool = True,
         crop: Literal["center", "random"] = "center",
         seed: int = 0,
+        allocation: str | None = None,
     ) -> None:
         super().__init__()
         if kind not in KINDS:
@@ -91,7 +103,10 @@ class WebDataModule(L.LightningDataModule):
             raise ValueError(
                 f"batch_size={batch_size} and batches_per_epoch={batches_per_epoch} must be >= 1"
             )
+        if allocation is not None and kind != "latents":
+            raise ValueError(f"allocation applies to kind='latents' only, got kind={kind!r}")
         self.save_hyperparameters()
+        self.allocation = allocation
         self.train, self.val, self.kind = train, val, kind
         self.image_size, self.batch_size = image_size, batch_size
         self.val_batch_size = val_batch_size or batch_size
@@ -106,6 +121,8 @@ class WebDataModule(L.LightningDataModule):
         """Resolve the shard specs (a ValueError names a pattern that matches nothing)."""
         self.train_urls = resolve_shards(self.train) if self.train is not None else None
         self.val_urls = resolve_shards(self.val) if self.val is not None else None
+        if self.allocation is not None:
+            load_allocation(self.allocation)  # a missing file fails here, naming `vlt allocate`
         trainer = self.trainer
         if trainer is not None and not any(isinstance(c, SkippedSamples) for c in trainer.callbacks):
             trainer.callbacks.append(SkippedSamples())
@@ -133,10 +150,12 @@ class WebDataModule(L.LightningDataModule):
         else:
             decode, collate = functools.partial(decode_latents, tally=tally), collate_latents
         size = self.batch_size if train else self.val_batch_size
-        batch = functools.partial(
-            batch_records, batch_size=size, partial=not train, tally=tally, collate=collate
-        )
-        return [read, *shuffle, decode, batch]
+        group = batch_records if self.allocation is None else bucket_by_k
+        batch = functools.partial(group, batch_size=size, partial=not train, tally=tally, collate=collate)
+        if self.allocation is None:
+            return [read, *shuffle, decode, batch]
+        ks = load_ks(self.allocation, "train" if train else "val")
+        return [read, *shuffle, decode, functools.partial(attach_ks, ks=ks, tally=tally), batch]
 
     def _loader(self, pipeline: wds.DataPipeline) -> wds.WebLoader:
         workers = self.num_workers

@@ -9,6 +9,9 @@ the previous batch of this worker) and `skipped_keys` (the first few of them, wi
 The batcher holds back one full batch until the next one is ready (or the stream ends), so skips
 after a worker's last sample still ride on a batch; only a worker that emits no batch at all loses
 its count (it still logs a warning).
+
+Content-adaptive K: `attach_ks` gives each latent record its K_i from an allocation (by key) and
+`bucket_by_k` batches records of equal K only, so a batch is one DiT call at one length (no padding).
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ from __future__ import annotations
 import io
 import json
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Hashable, Iterator, Mapping
 from typing import Any
 
 import numpy as np
@@ -160,6 +163,20 @@ def collate_latents(records: list[Record]) -> Record:
     }
 
 
+def attach_ks(src: Iterator[Record], *, ks: Mapping[str, int], tally: SkipTally) -> Iterator[Record]:
+    """Set record["k"] = K_i looked up by key; a key the allocation lacks is skipped and counted.
+
+    Keys, not positions: shard order and worker splits change between runs.
+    """
+    for record in src:
+        k = ks.get(record["key"])
+        if k is None:
+            tally.add(record["key"], "no K_i in the allocation: rerun `vlt allocate` for this cache")
+            continue
+        record["k"] = int(k)
+        yield record
+
+
 def batch_records(
     src: Iterator[Record],
     *,
@@ -167,24 +184,52 @@ def batch_records(
     partial: bool,
     tally: SkipTally,
     collate: Callable[[list[Record]], Record],
+    bucket: Callable[[Record], Hashable] | None = None,
 ) -> Iterator[Record]:
-    """Group records into collated batches that carry `n_skipped` and `skipped_keys` (see module doc)."""
+    """Group records into collated batches that carry `n_skipped` and `skipped_keys` (see module doc).
+
+    With `bucket`, one buffer per bucket value: a batch is emitted when its buffer fills, so every
+    batch is homogeneous. At the end of the stream (partial=True) the partial buffers are flushed in
+    sorted bucket order, so no record is lost; partial=False drops them (the infinite train stream).
+    Memory: at most G * (batch_size - 1) records wait in G buffers, plus the one batch held back.
+    """
 
     def emit(records: list[Record]) -> Record:
         batch = collate(records)
         batch["n_skipped"], batch["skipped_keys"] = tally.take()
         return batch
 
+    buffers: dict[Hashable, list[Record]] = {}
     held: list[Record] | None = None
-    current: list[Record] = []
     for record in src:
+        name = bucket(record) if bucket is not None else 0
+        current = buffers.setdefault(name, [])
         current.append(record)
         if len(current) == batch_size:
             if held is not None:
                 yield emit(held)
-            held, current = current, []
-    if held is not None:
-        yield emit(held)
-    if current and partial:
-        yield emit(current)
+            held = buffers.pop(name)
+    ready = [held] if held is not None else []
+    if partial:
+        ready += [buffers[name] for name in sorted(buffers)]
+    for records in ready:
+        yield emit(records)
     tally.flush_warning()
+
+
+def record_k(record: Record) -> int:
+    return int(record["k"])
+
+
+def bucket_by_k(
+    src: Iterator[Record],
+    *,
+    batch_size: int,
+    partial: bool,
+    tally: SkipTally,
+    collate: Callable[[list[Record]], Record],
+) -> Iterator[Record]:
+    """`batch_records` with one buffer per K: equal-K batches, no padding (see `batch_records`)."""
+    return batch_records(
+        src, batch_size=batch_size, partial=partial, tally=tally, collate=collate, bucket=record_k
+    )
