@@ -49,3 +49,15 @@ def test_curves_names_a_run_without_curves(tmp_path):
     empty.mkdir()
     with pytest.raises(ValueError, match=r"no token-budget curve in .*empty_run.*TokenBudgetCallback"):
         curves([str(empty)], out=str(tmp_path / "c.png"))
+
+
+def test_adaptive_rows_are_their_own_lines(tmp_path):
+    fixed = [
+        {"step": 1, "epoch": 0, "k": k, "tokens": k, "flops": k, "psnr": 20 + k, "mode": "fixed"}
+        for k in (4, 8)
+    ]
+    adaptive = [{**row, "mode": "adaptive", "tokens": row["k"] - 0.5, "psnr": 30 + row["k"]} for row in fixed]
+    write_curve(tmp_path / "run", fixed + adaptive, {"step": 1})
+    table = curves([str(tmp_path / "run")], out=str(tmp_path / "c.png"), metric="psnr")
+    assert "| run | 4 | 4 | " in table and "| run (adaptive) | 4 | 3.5 | " in table
+    assert "| run (adaptive) | 8 | 7.5 | 1e-08 | 38 |" in table

@@ -16,6 +16,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from vlt.adaptive.allocation import allocate, draw, tilt_to_budget
 from vlt.callbacks import TokenBudgetCallback, token_budget
 from vlt.metrics import FrechetDistance, build_fid
 
@@ -79,6 +80,16 @@ class TinyAutoencoder(pl.LightningModule):
 
     def budget_tokens(self, k):
         return float(k)
+
+    def budget_generate_adaptive(self, labels, budget, cfg_scale, generator):
+        """Per-image K from a uniform prior over {4, 16} tilted to the budget, then grouped by K."""
+        p, _ = tilt_to_budget(torch.full((1, 2), 0.5), [4, 16], budget)
+        ks = draw(p.expand(len(labels), 2), [4, 16], torch.Generator().manual_seed(0))
+        images = torch.empty(len(labels), 3, 32, 32)
+        for k in ks.unique().tolist():
+            sel = ks == k
+            images[sel] = self.budget_generate(labels[sel], k, cfg_scale, generator)
+        return images, ks
 
 
 def fit(root, logger, **kwargs) -> tuple[pl.Trainer, TokenBudgetCallback]:
@@ -181,13 +192,14 @@ def test_callback_validates_its_options():
         TokenBudgetCallback(ks=[])
 
 
-def validate(root, name: str, devices: int) -> list[dict]:
+def validate(root, name: str, devices: int, **kwargs) -> list[dict]:
     """`trainer.validate` with the callback (no training: both runs score the same weights)."""
     torch.manual_seed(0)
     model = TinyAutoencoder()
     callback = TokenBudgetCallback(
         ks=[4, 16],
         metrics=["psnr", "rfid"],
+        **kwargs,
         num_images=16,
         batch_size=4,
         cache_dir=str(root / name / "cache"),
@@ -207,14 +219,63 @@ def validate(root, name: str, devices: int) -> list[dict]:
 def test_two_process_evaluation_matches_one_process(tmp_path, monkeypatch):
     for var in [v for v in os.environ if v.startswith("SLURM_")]:
         monkeypatch.delenv(var)
-    single = validate(tmp_path, "one", devices=1)
-    double = validate(tmp_path, "two", devices=2)  # a distributed sampler gives each rank 8 of the 16
-    assert [r["k"] for r in double] == [r["k"] for r in single] == ["4", "16"]
-    for a, b in zip(single, double):
+    single = validate(tmp_path, "one", devices=1, budgets=[8])
+    double = validate(tmp_path, "two", devices=2, budgets=[8])  # a distributed sampler: 8 of 16 per rank
+    expected = [("4", "fixed"), ("16", "fixed"), ("8", "adaptive"), ("8", "adaptive-k2")]
+    assert [(r["k"], r["mode"]) for r in double] == [(r["k"], r["mode"]) for r in single] == expected
+    for a, b in zip(single, double):  # adaptive rows: one lambda from the curves of both ranks
         assert float(b["rfid_proxy"]) == pytest.approx(float(a["rfid_proxy"]), rel=1e-4)
         assert float(b["psnr"]) == pytest.approx(float(a["psnr"]), rel=1e-5)
+        assert float(b["tokens"]) == pytest.approx(float(a["tokens"]))
     (one,), (two,) = (list((tmp_path / n / "cache").glob("*.npz")) for n in ("one", "two"))
     assert one.name == two.name  # same key: 16 images in total, not 8 per rank
     with np.load(one) as a, np.load(two) as b:  # real statistics reduced over ranks = one process
         assert int(a["n"]) == int(b["n"]) == 16
         assert np.allclose(a["mu"], b["mu"], atol=1e-6) and np.allclose(a["sigma"], b["sigma"], atol=1e-6)
+
+
+def test_adaptive_rows_follow_the_oracle_allocation(tmp_path):
+    rows = validate(tmp_path, "adaptive", devices=1, budgets=[8, 10])
+    images = Shapes().images[:16]  # the callback's num_images first val images
+    torch.manual_seed(0)
+    model = TinyAutoencoder().eval()  # the same weights validate() scored
+    with torch.no_grad():
+        curves = torch.stack(
+            [token_budget.psnr(model.budget_reconstruct(images, k).clamp(-1, 1), images) for k in (4, 16)], 1
+        )  # (16, 2) per-image PSNR at K = 4, 16
+    adaptive = {(float(r["k"]), r["mode"]): r for r in rows if r["mode"] != "fixed"}
+    assert set(adaptive) == {
+        (8.0, "adaptive"),
+        (10.0, "adaptive"),
+        (8.0, "adaptive-k2"),
+        (10.0, "adaptive-k2"),
+    }
+    for (budget, mode), row in adaptive.items():
+        ks, _ = allocate(-curves.double(), [4, 16], budget, "k" if mode == "adaptive" else "k2")
+        assert float(row["tokens"]) == pytest.approx(float(ks.double().mean()))
+        chosen = curves.gather(1, (ks == 16).long()[:, None]).mean()
+        assert float(row["psnr"]) == pytest.approx(float(chosen), rel=1e-5)
+        cost = float(row["tokens"]) if mode == "adaptive" else float(row["k_rms"])
+        assert cost <= budget + 1e-9  # within the budget, never above
+        assert np.isfinite(float(row["rfid_proxy"]))
+    # Equal mean K^2 is the stricter budget: it never buys more tokens than equal mean K.
+    for budget in (8.0, 10.0):
+        assert float(adaptive[(budget, "adaptive-k2")]["tokens"]) <= float(
+            adaptive[(budget, "adaptive")]["tokens"]
+        )
+
+
+def test_adaptive_generation_rows_and_a_before_curve(tmp_path):
+    options = {"metrics": ["gfid"], "budgets": [10], "every_n_steps": None, "at_fit_start": True}
+    fit(tmp_path, CSVLogger(tmp_path, name="gen", version=""), **options)
+    rows = read_rows(tmp_path / "gen")
+    one_evaluation = ["fixed", "fixed", "adaptive"]
+    assert [(int(r["step"]), r["mode"]) for r in rows] == [(s, m) for s in (0, 2) for m in one_evaluation]
+    row = rows[-1]
+    assert float(row["tokens"]) == pytest.approx(10, abs=0.8)  # stratified draws meet the budget
+    assert 4e6 < float(row["flops"]) < 16e6 and np.isfinite(float(row["gfid_proxy"]))
+
+
+def test_budgets_outside_the_evaluated_ks_are_refused():
+    with pytest.raises(ValueError, match="outside the evaluated K range"):
+        TokenBudgetCallback(ks=[4, 16], budgets=[32])

@@ -3,6 +3,8 @@
 A curve is a list of rows, one per K: step, epoch, k, tokens (per image), flops (per image) and one
 column per metric (psnr, rfid_proxy, gfid_proxy_w1.5, ...). A generation metric column `c` may carry
 its own FLOPs in `flops_c` (sampling costs differ from reconstruction and between guidance scales).
+Rows carry a `mode`: "fixed" (one K for every image), or "adaptive" / "adaptive-k2" (per-image K at a
+mean budget `k`, see `vlt.callbacks.adaptive_budget`); each mode is drawn as its own line.
 
     vlt curves --runs '[runs/a, runs/b]' --out curves.png [--metric rfid_proxy]
 """
@@ -20,7 +22,7 @@ from matplotlib.figure import Figure
 CURVES_DIR = "curves"
 CSV_NAME = "budget.csv"
 JSON_NAME = "budget_latest.json"
-BASE_COLUMNS = ("step", "epoch", "k", "tokens", "flops")
+BASE_COLUMNS = ("step", "epoch", "k", "tokens", "flops", "mode", "budget", "lambda", "k_rms")
 Row = Mapping[str, Any]
 
 
@@ -32,6 +34,15 @@ def metric_columns(rows: Sequence[Row]) -> list[str]:
             if key not in BASE_COLUMNS and not key.startswith("flops"):
                 seen[key] = None
     return list(seen)
+
+
+def by_mode(rows: Sequence[Row], label: str) -> dict[str, list[Row]]:
+    """Split a curve into one line per mode: `label` for fixed K, `label (adaptive)` etc. otherwise."""
+    out: dict[str, list[Row]] = {}
+    for row in rows:
+        mode = row.get("mode") or "fixed"
+        out.setdefault(label if mode == "fixed" else f"{label} ({mode})", []).append(row)
+    return out
 
 
 def x_value(row: Row, column: str, x: Literal["tokens", "flops"]) -> float:
@@ -115,13 +126,13 @@ def plot_curves(
 
 
 def markdown_table(curves: Mapping[str, Sequence[Row]], columns: Sequence[str]) -> str:
-    lines = ["| run | k | tokens | GFLOPs | " + " | ".join(columns) + " |"]
+    lines = ["| run | k or budget | mean K | GFLOPs | " + " | ".join(columns) + " |"]
     lines.append("|---|---:|---:|---:|" + "---:|" * len(columns))
     for label, rows in curves.items():
         for row in sorted(rows, key=lambda r: float(r["k"])):
             values = [f"{float(row[c]):.4g}" if row.get(c) not in (None, "") else "" for c in columns]
             lines.append(
-                f"| {label} | {int(float(row['k']))} | {float(row['tokens']):.4g} | "
+                f"| {label} | {float(row['k']):g} | {float(row['tokens']):.4g} | "
                 f"{float(row['flops']) / 1e9:.4g} | " + " | ".join(values) + " |"
             )
     return "\n".join(lines)
@@ -144,7 +155,8 @@ def curves(runs: list[str], out: str = "curves.png", metric: str | None = None) 
     loaded = {}
     for run in runs:
         label = Path(run).resolve().name
-        loaded[label if label not in loaded else run] = json.loads(find_latest(run).read_text())["rows"]
+        rows = json.loads(find_latest(run).read_text())["rows"]
+        loaded.update(by_mode(rows, label if not any(key.startswith(label) for key in loaded) else run))
     available = metric_columns([row for rows in loaded.values() for row in rows])
     if metric is None:
         fid_like = [c for c in available if "fid" in c]

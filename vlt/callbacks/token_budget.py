@@ -22,8 +22,9 @@ from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
+from vlt.callbacks.adaptive_budget import check_budgets, generation_rows, reconstruction_rows
 from vlt.callbacks.budget_data import collect_images
-from vlt.callbacks.curves import plot_curves, write_curve
+from vlt.callbacks.curves import by_mode, metric_columns, plot_curves, write_curve
 from vlt.metrics.fid import EXTRACTORS, Extractor, build_fid, metric_name
 from vlt.metrics.rate import psnr
 from vlt.metrics.real_stats import RealStats, RealStatsKey
@@ -98,6 +99,11 @@ class TokenBudgetCallback(pl.Callback):
         resolution: image side for the cache key when the val loader has no images (latents):
             gfid then needs real statistics cached by an image run with the same dataset_id.
         seed: seed of the generation noise (per rank), the same at every evaluation.
+        budgets: mean token budgets evaluated in content-adaptive mode (per-image K, see
+            `vlt.callbacks.adaptive_budget`); rows get mode "adaptive" (equal mean K) or
+            "adaptive-k2" (equal mean K^2, the attention cost of a fixed K = budget).
+        budget_costs: which equalities the reconstruction budgets use: "k", "k2" or both.
+        at_fit_start: also evaluate before the first training step (a "before" curve).
     """
 
     def __init__(
@@ -117,6 +123,9 @@ class TokenBudgetCallback(pl.Callback):
         dataset_id: str = "val",
         resolution: int | None = None,
         seed: int = 0,
+        budgets: list[float] | None = None,
+        budget_costs: list[str] | None = None,
+        at_fit_start: bool = False,
     ) -> None:
         super().__init__()
         metrics = ["psnr", "rfid"] if metrics is None else list(metrics)
@@ -130,6 +139,10 @@ class TokenBudgetCallback(pl.Callback):
         if num_images < 2 or batch_size < 1:
             raise ValueError("num_images must be >= 2 and batch_size >= 1")
         self.ks = sorted(set(ks))
+        self.budgets = sorted(set(budgets or []))
+        self.budget_costs = ["k", "k2"] if budget_costs is None else list(budget_costs)
+        check_budgets(self.budgets, self.budget_costs, self.ks)
+        self.at_fit_start = at_fit_start
         self.every_n_epochs, self.every_n_steps, self.at_fit_end = every_n_epochs, every_n_steps, at_fit_end
         self.num_images, self.batch_size = num_images, batch_size
         self.metrics = metrics
@@ -157,6 +170,10 @@ class TokenBudgetCallback(pl.Callback):
         if trainer.is_global_zero:
             for logger in self._tensorboards(trainer):
                 logger.experiment.add_custom_scalars(self.layout())
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.at_fit_start:
+            self.evaluate(trainer, pl_module)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if self.every_n_steps and trainer.global_step > 0 and trainer.global_step % self.every_n_steps == 0:
@@ -196,8 +213,10 @@ class TokenBudgetCallback(pl.Callback):
         images, labels = collect_images(trainer, self.num_images // world, self.batch_size)
         fid = self._prepare_fid(images, labels, device) if {"rfid", "gfid"} & set(self.metrics) else None
         rows, scalars = [], {}
+        base = {"step": trainer.global_step, "epoch": trainer.current_epoch}
+        self._curves: dict[int, Tensor] = {}  # K -> this rank's per-image PSNR (B,)
         for k in self.ks:
-            row: dict[str, Any] = {"step": trainer.global_step, "epoch": trainer.current_epoch, "k": k}
+            row: dict[str, Any] = {**base, "k": k, "mode": "fixed"}
             row["tokens"] = float(pl_module.budget_tokens(k))
             values: dict[str, float] = {}  # column -> value
             if {"psnr", "rfid"} & set(self.metrics):
@@ -214,6 +233,15 @@ class TokenBudgetCallback(pl.Callback):
             row.update(values)
             rows.append(row)
             scalars.update(self._scalar_names(row, values))
+        if self.budgets and {"psnr", "rfid"} & set(self.metrics):
+            curves = torch.stack([self._curves[k] for k in self.ks], dim=1)  # (B, G)
+            extra = reconstruction_rows(self, trainer, pl_module, fid, images, curves, base)
+            rows += extra[0]
+            scalars.update(extra[1])
+        if self.budgets and "gfid" in self.metrics:
+            extra = generation_rows(self, trainer, pl_module, fid, labels, base, rank)
+            rows += extra[0]
+            scalars.update(extra[1])
         return rows, scalars
 
     def _prepare_fid(self, images: list[Tensor], labels: list[Tensor], device: torch.device):
@@ -244,16 +272,18 @@ class TokenBudgetCallback(pl.Callback):
     def _reconstruct(self, trainer, pl_module, fid, images: list[Tensor], k: int) -> dict[str, float]:
         if fid is not None:
             fid.reset()  # the real side stays (reset_real_features=False)
-        total, count = 0.0, 0
+        total, count, per_image = 0.0, 0, []
         for x in images:
             x = x.to(pl_module.device)  # (B, 3, H, W)
             with trainer.precision_plugin.forward_context():
                 y = pl_module.budget_reconstruct(x, k)
             y = y.float().clamp(-1, 1)  # (B, 3, H, W)
-            total += float(psnr(y, x).sum())
+            per_image.append(psnr(y, x).double().cpu())  # (B,)
+            total += float(per_image[-1].sum())
             count += len(x)
             if fid is not None and "rfid" in self.metrics:
                 fid.update(y, real=False)
+        self._curves[k] = torch.cat(per_image) if per_image else torch.zeros(0, dtype=torch.float64)
         out = {}
         if "psnr" in self.metrics:
             total, count = _all_sum([total, float(count)], self._reduce_device(pl_module.device))
@@ -292,7 +322,12 @@ class TokenBudgetCallback(pl.Callback):
         """TensorBoard custom-scalars layout: one multiline chart per series over all K."""
         bases = [m if m == "psnr" else metric_name(m, self.extractor) for m in self.metrics]
         bases += ["tokens", "tflops"] + (["gen_tflops"] if "gfid" in self.metrics else [])
-        return {"token budget": {base: ["Multiline", [rf"budget/{base}@k\d+.*"]] for base in bases}}
+        charts = {base: ["Multiline", [rf"budget/{base}@k\d+.*"]] for base in bases}
+        if self.budgets:
+            charts.update(
+                {f"{base} adaptive": ["Multiline", [rf"budget/{base}@adaptive.*"]] for base in bases}
+            )
+        return {"token budget": charts}
 
     def publish(self, trainer: pl.Trainer, rows: list[dict], scalars: dict[str, float]) -> None:
         for name, value in scalars.items():
@@ -304,14 +339,14 @@ class TokenBudgetCallback(pl.Callback):
             logger.log_metrics(scalars, step=trainer.global_step)
         meta = {"step": trainer.global_step, "epoch": trainer.current_epoch, "extractor": self.extractor}
         write_curve(log_dir or trainer.default_root_dir, rows, meta)
-        columns = [c for c in rows[0] if c not in ("step", "epoch", "k", "tokens") and "flops" not in c]
+        columns = metric_columns(rows)
         tensorboards = self._tensorboards(trainer)
         if not tensorboards and not self._warned:
             rank_zero_warn("TokenBudgetCallback: no TensorBoard logger; figures skipped, curve files written")
             self._warned = True
         for logger in tensorboards:
             for x in ("tokens", "flops"):
-                figure = plot_curves({f"step {trainer.global_step}": rows}, columns, x=x)
+                figure = plot_curves(by_mode(rows, f"step {trainer.global_step}"), columns, x=x)
                 logger.experiment.add_figure(f"budget/curve_vs_{x}", figure, trainer.global_step)
             logger.experiment.flush()
 

@@ -1,0 +1,159 @@
+"""Adaptive rows of the token-budget curves: per-image K at a mean budget, beside the fixed-K rows.
+
+Letters: B images (this rank), T images (all ranks), G evaluated K levels.
+
+Reconstruction (stage 1): the fixed-K pass already measured every image's PSNR at every K, i.e. its
+distortion curve D_i(K) = -PSNR_i(K). For each budget the Lagrangian allocation is solved on the
+curves of ALL ranks' images (gathered, so every rank agrees on lambda), the adaptive PSNR is read off
+the curves, and rFID reconstructs each image once more at its own K_i. This is an oracle allocation
+(the search, on the evaluated images themselves); a learned predictor can only do worse.
+
+Generation (stage 2): the module samples each image at a K drawn from p(K | class) tilted to the
+budget (`budget_generate_adaptive`); the row reports the K it actually used.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from vlt.adaptive.allocation import COSTS, allocate
+
+
+def mode_name(cost: str) -> str:
+    """The `mode` column of an adaptive row: equal mean K ("adaptive") or equal mean K^2."""
+    return "adaptive" if cost == "k" else f"adaptive-{cost}"
+
+
+def gather_rows(x: Tensor) -> tuple[Tensor, int]:
+    """Concatenate (B, G) tensors of every rank (B may differ): (T, G) and this rank's first row."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return x, 0
+    backend_device = x.device if dist.get_backend() == "nccl" else torch.device("cpu")
+    local = x.to(backend_device)
+    sizes = [torch.zeros(1, dtype=torch.long, device=backend_device) for _ in range(dist.get_world_size())]
+    dist.all_gather(sizes, torch.tensor([len(local)], device=backend_device))
+    counts = [int(s) for s in sizes]
+    padded = torch.zeros(max(counts), *local.shape[1:], dtype=local.dtype, device=backend_device)
+    padded[: len(local)] = local
+    parts = [torch.zeros_like(padded) for _ in counts]
+    dist.all_gather(parts, padded)
+    offset = sum(counts[: dist.get_rank()])
+    return torch.cat([p[:c] for p, c in zip(parts, counts)]).to(x.device), offset
+
+
+def check_budgets(budgets: list[float], costs: list[str], ks: list[int]) -> None:
+    for cost in costs:
+        if cost not in COSTS:
+            raise ValueError(f"unknown budget cost {cost!r}; expected a subset of {COSTS}")
+    for b in budgets:
+        if not ks[0] <= b <= ks[-1]:
+            raise ValueError(f"budget {b} lies outside the evaluated K range [{ks[0]}, {ks[-1]}]: extend ks")
+
+
+def reconstruction_rows(
+    callback: Any, trainer, pl_module, fid, images: list[Tensor], psnr_local: Tensor, base: dict
+) -> tuple[list[dict], dict[str, float]]:
+    """Adaptive rows, one per budget and cost, from per-image PSNR curves psnr_local (B, G) over ks."""
+    from vlt.metrics.fid import metric_name
+
+    grid = callback.ks
+    curves, offset = gather_rows(psnr_local.double())  # (T, G)
+    rows, scalars = [], {}
+    for cost in callback.budget_costs:
+        for budget in callback.budgets:
+            ks_all, lam = allocate(-curves, grid, budget, cost)  # (T,)
+            index = torch.searchsorted(torch.as_tensor(grid), ks_all)
+            row = {**base, "k": budget, "mode": mode_name(cost), "budget": budget, "lambda": lam}
+            row["tokens"] = float(ks_all.double().mean())
+            row["k_rms"] = float(ks_all.double().pow(2).mean().sqrt())
+            flops = {k: float(pl_module.budget_flops(k, "reconstruct", 1.0)) for k in grid}
+            row["flops"] = float(torch.tensor([flops[int(k)] for k in ks_all]).mean())
+            values = {}
+            if "psnr" in callback.metrics:
+                values["psnr"] = float(curves.gather(1, index[:, None]).mean())
+            if "rfid" in callback.metrics:
+                mine = ks_all[offset : offset + len(psnr_local)]
+                values[metric_name("rfid", callback.extractor)] = _rfid_at(
+                    trainer, pl_module, fid, images, mine
+                )
+            row.update(values)
+            rows.append(row)
+            scalars.update(_scalars(row, values))
+    return rows, scalars
+
+
+def _rfid_at(trainer, pl_module, fid, images: list[Tensor], ks: Tensor) -> float:
+    """rFID with image i reconstructed at ks[i] (images grouped by K within each batch)."""
+    fid.reset()
+    start = 0
+    for x in images:
+        x = x.to(pl_module.device)  # (B, 3, H, W)
+        mine = ks[start : start + len(x)]
+        start += len(x)
+        out = torch.empty_like(x)
+        for k in mine.unique().tolist():
+            sel = (mine == k).nonzero().squeeze(1).to(x.device)
+            with trainer.precision_plugin.forward_context():
+                out[sel] = pl_module.budget_reconstruct(x[sel], int(k)).float()
+        fid.update(out.clamp(-1, 1), real=False)
+    return float(fid.compute())
+
+
+def generation_rows(
+    callback: Any, trainer, pl_module, fid, labels: list[Tensor], base: dict, rank: int
+) -> tuple[list[dict], dict[str, float]]:
+    """Adaptive gFID rows: per-image K from the module's p(K | class) tilted to each budget."""
+    from vlt.metrics.fid import metric_name
+
+    if not callable(getattr(pl_module, "budget_generate_adaptive", None)):
+        raise ValueError(
+            f"{type(pl_module).__name__} lacks budget_generate_adaptive(labels, budget, cfg_scale, "
+            "generator), needed by TokenBudgetCallback(budgets=...) with gfid"
+        )
+    rows, scalars = [], {}
+    for budget in callback.budgets:
+        row = {**base, "k": budget, "mode": "adaptive", "budget": budget}
+        values, used = {}, []
+        for scale in callback.cfg_scales:
+            column = metric_name("gfid", callback.extractor)
+            column += f"_w{scale:g}" if len(callback.cfg_scales) > 1 else ""
+            generator = torch.Generator(pl_module.device).manual_seed(callback.seed + 1000 * rank)
+            fid.reset()
+            flops, ks_seen = 0.0, []
+            for y in labels:
+                with trainer.precision_plugin.forward_context():
+                    images, ks = pl_module.budget_generate_adaptive(
+                        y.to(pl_module.device), budget, scale, generator
+                    )
+                fid.update(images.float().clamp(-1, 1), real=False)
+                ks_seen.append(ks.cpu())
+                flops += sum(float(pl_module.budget_flops(int(k), "generate", scale)) for k in ks.tolist())
+            ks_cat = torch.cat(ks_seen).double()
+            values[column] = float(fid.compute())
+            row[f"flops_{column}"] = flops / max(len(ks_cat), 1)
+            row.setdefault("flops", row[f"flops_{column}"])
+            used.append(ks_cat)
+        ks_used = used[0]
+        totals = gather_rows(
+            torch.stack([ks_used.sum(), ks_used.pow(2).sum(), torch.tensor(float(len(ks_used)))])[None]
+        )[0]
+        total, total_sq, count = totals.sum(0).tolist()
+        row["tokens"] = total / max(count, 1.0)
+        row["k_rms"] = (total_sq / max(count, 1.0)) ** 0.5
+        row.update(values)
+        rows.append(row)
+        scalars.update(_scalars(row, values))
+    return rows, scalars
+
+
+def _scalars(row: dict, values: dict[str, float]) -> dict[str, float]:
+    tag = f"{row['mode']}_b{row['budget']:g}"
+    out = {f"budget/tokens@{tag}": row["tokens"], f"budget/tflops@{tag}": row["flops"] / 1e12}
+    for column, value in values.items():
+        base, _, scale = column.partition("_w")
+        out[f"budget/{base}@{tag}" + (f"_w{scale}" if scale else "")] = value
+    return out
