@@ -44,12 +44,18 @@ launch = $(if $(filter slurm,$(LAUNCH)),$(SUBMIT),$(BIN)/vlt) $(1) $(ARGS)
 TOKENIZER ?= runs/tokenizer-tiny/checkpoints/last.ckpt
 #: LATENTS    latent cache folder of stage 2
 LATENTS ?= data/latents/tokenizer-tiny
+#: DIT        stage-2 checkpoint (sample, finetune)
+DIT ?= runs/dit-tiny/checkpoints/last.ckpt
+#: ADAPTIVE   latent cache with per-image PSNR curves (content-adaptive mode); BUDGET: its mean K
+ADAPTIVE ?= data/latents/tokenizer-tiny-adaptive
+BUDGET ?= 8
 
-.PHONY: help install data test test-fast lint format tensorboard clean train-tokenizer train-dit cache-latents sample
+.PHONY: help install data test test-fast lint format tensorboard clean train-tokenizer train-dit cache-latents sample \
+	allocate train-dit-adaptive experiment-adaptive finetune
 
 help: ## show this help
 	@echo "vlt make targets:"
-	@grep -hE '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-18s\033[0m %s\n", $$1, $$2}'
+	@grep -hE '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-20s\033[0m %s\n", $$1, $$2}'
 	@echo "variables:"
 	@grep -hE '^#: ' $(MAKEFILE_LIST) | sed -E 's/^#: /  /'
 
@@ -86,8 +92,29 @@ cache-latents: $(LATENTS)/done-train-r0.json ## encode the synthetic shards with
 train-dit: $(STAMP) $(LATENTS)/done-train-r0.json ## stage 2: train the DiT on cached latents (CONFIG=conf/dit/tiny.yaml)
 	$(call launch,fit -c $(or $(CONFIG),conf/dit/tiny.yaml) --latents=$(LATENTS) --model.init_args.tokenizer=$(TOKENIZER))
 
-sample: $(STAMP) ## sample grids + npz at every K from the tiny DiT (DIT=runs/dit-tiny/checkpoints/last.ckpt)
-	$(BIN)/vlt sample --dit $${DIT:-runs/dit-tiny/checkpoints/last.ckpt} --out runs/dit-tiny/samples $(ARGS)
+sample: $(STAMP) ## sample grids + npz at every K from DIT (ARGS="--budget 8": per-image K at a mean budget)
+	$(BIN)/vlt sample --dit $(DIT) --out $(dir $(patsubst %/,%,$(dir $(DIT))))samples $(ARGS)
+
+$(DIT):
+	$(MAKE) --no-print-directory train-dit CONFIG= ARGS= LAUNCH=local
+
+# Content-adaptive K (vlt's extension): PSNR curves per image in the cache, then K_i at a mean budget.
+$(ADAPTIVE)/done-train-r0.json: $(TOKENIZER) $(SYNTHETIC) | $(STAMP)
+	$(BIN)/vlt cache-latents --tokenizer $(TOKENIZER) --shards 'data/synthetic/shards/train-*.tar' --out $(ADAPTIVE) --split train --overwrite true --distortion true
+	$(BIN)/vlt cache-latents --tokenizer $(TOKENIZER) --shards 'data/synthetic/shards/val-*.tar' --out $(ADAPTIVE) --split val --overwrite true --distortion true
+
+allocate: $(ADAPTIVE)/done-train-r0.json ## per-image K_i at mean budget BUDGET over ADAPTIVE (vlt allocate; ARGS for rule/cost)
+	$(BIN)/vlt allocate --cache $(ADAPTIVE) --budget $(BUDGET) $(ARGS)
+
+train-dit-adaptive: $(STAMP) $(ADAPTIVE)/done-train-r0.json ## stage 2, adaptive: K-conditioned DiT on K-bucketed batches
+	test -f $(ADAPTIVE)/allocation.json || $(BIN)/vlt allocate --cache $(ADAPTIVE) --budget $(BUDGET)
+	$(call launch,fit -c $(or $(CONFIG),conf/dit/tiny-adaptive.yaml) --latents=$(ADAPTIVE) --model.init_args.tokenizer=$(TOKENIZER))
+
+experiment-adaptive: $(STAMP) $(TOKENIZER) $(DIT) ## adaptive vs fixed K, stages 1+2, tables + figures (CPU, ~30 min)
+	$(BIN)/python scripts/experiment_adaptive.py --tokenizer $(TOKENIZER) --dit $(DIT) --latents $(ADAPTIVE) $(ARGS)
+
+finetune: $(STAMP) $(TOKENIZER) $(DIT) ## stage 3: joint fine-tune of TOKENIZER + DIT (CONFIG=conf/joint/tiny.yaml)
+	$(call launch,fit -c $(or $(CONFIG),conf/joint/tiny.yaml) --model.init_args.init_from_tokenizer=$(TOKENIZER) --model.init_args.init_from_dit=$(DIT))
 
 # The slurm tier: a one-node Slurm started here, the tests, and the cluster stopped whatever they did.
 slurm_tier = (scripts/slurm/local_cluster.sh up >/dev/null || echo "no local Slurm: the slurm tests will skip"; \
