@@ -9,6 +9,11 @@ Writes webdataset shards `<out>/<split>-r<rank>-<n>.tar` with `latent.npy` (N, C
 channel statistics `<out>/stats-<split>-r<rank>.json` (sums in float64) and a completion marker per
 rank. Full N-slot latents are cached, never merged ones: the DiT merges on the fly for any K.
 
+With a merge table and `distortion=True` (the default) every image is also reconstructed at every K
+of the table's grid: the json meta gains `psnr` (G floats, dB) and `png_bytes` (PNG size of the
+uint8 image), and `<out>/curves-<split>-r<rank>.npz` collects them for `vlt allocate`
+(`vlt.adaptive.distortion`), which then never reads the latent shards.
+
 Under torchrun/srun each rank reads its exactly-once share of the shards (the validation pipeline of
 `WebDataModule`) and writes its own files; `latent_stats()` combines the partial sums, so no process
 group is needed.
@@ -43,6 +48,7 @@ def cache_latents(
     num_workers: int = 1,
     shard_size: int = 5000,
     overwrite: bool = False,
+    distortion: bool = True,
 ) -> Path:
     """Encode image shards with a tokenizer checkpoint into latent shards plus statistics.
 
@@ -55,8 +61,12 @@ def cache_latents(
         num_workers: decode workers.
         shard_size: latents per output shard.
         overwrite: replace a finished cache of this split instead of refusing.
+        distortion: also measure per-image PSNR at every K of the merge table (G extra decodes per
+            image) for content-adaptive allocation; ignored when the tokenizer has no merge table.
     """
+    from vlt.adaptive.distortion import Curves, png_size, psnr_curves, save_curves
     from vlt.data.datamodule import WebDataModule
+    from vlt.data.transforms import to_uint8
     from vlt.lit.tokenizer import LitTokenizer
 
     rank, world = _rank_world()
@@ -68,7 +78,7 @@ def cache_latents(
             "to rebuild it or choose another --out"
         )
     root.mkdir(parents=True, exist_ok=True)
-    for stale in root.glob(f"{split}-r{rank:02d}-*.tar"):
+    for stale in [*root.glob(f"{split}-r{rank:02d}-*.tar"), *root.glob(f"curves-{split}-r{rank}.npz")]:
         stale.unlink()
 
     model = LitTokenizer.load_from_checkpoint(tokenizer, map_location="cpu").eval()
@@ -80,6 +90,8 @@ def cache_latents(
         val=shards, image_size=cfg.image_size, val_batch_size=batch_size, num_workers=num_workers
     )
     data.setup("validate")
+    grid = table.ks if table is not None and distortion else []
+    rows: dict[str, list] = {"keys": [], "psnr": [], "label": [], "complexity": [], "png_bytes": []}
 
     start, count = time.time(), 0
     total = torch.zeros(cfg.channels, dtype=torch.float64)
@@ -90,12 +102,19 @@ def cache_latents(
             z = model.encode(batch["image"]).double()  # (B, N, C)
             total += z.sum(dim=(0, 1))
             total_sq += z.pow(2).sum(dim=(0, 1))
+            curves = psnr_curves(model, batch["image"], grid, z=z.float()) if grid else None  # (B, G)
+            pixels = to_uint8(batch["image"]) if grid else None  # (B, H, W, 3)
             for i, key in enumerate(batch["key"]):
                 meta = {
                     "label": int(batch["label"][i]),
                     "complexity": int(batch["complexity"][i]),
                     "key": key,
                 }
+                if curves is not None:
+                    meta["psnr"] = [float(p) for p in curves[i]]
+                    meta["png_bytes"] = png_size(pixels[i])
+                    for name in ("key", "psnr", "label", "complexity", "png_bytes"):
+                        rows["keys" if name == "key" else name].append(meta[name])
                 sink.write(
                     {
                         "__key__": key,
@@ -107,6 +126,8 @@ def cache_latents(
             count += len(batch["key"])
     stats = {"count": count * cfg.n_slots, "sum": total.tolist(), "sum_sq": total_sq.tolist()}
     (root / f"stats-{split}-r{rank}.json").write_text(json.dumps(stats))
+    if grid:
+        save_curves(root / f"curves-{split}-r{rank}.npz", Curves(**rows, grid=grid))
     meta = {
         "tokenizer": str(tokenizer),
         "n_slots": cfg.n_slots,
@@ -115,6 +136,7 @@ def cache_latents(
         "samples": count,
         "skipped": data.skipped,
         "seconds": round(time.time() - start, 1),
+        "distortion_grid": grid,
     }
     done.write_text(json.dumps(meta))
     print(
