@@ -3,6 +3,7 @@
     vlt fit|validate|test|predict -c conf/<stage>/<preset>.yaml [--key=value ...]
     vlt data synthetic|photos|folder ...        build webdataset shards
     vlt cache-latents ... / vlt sample ... / vlt curves ...   (stage tools, where installed)
+    vlt allocate --cache <latents> --budget <mean K> ...      per-image K over the nested grid
 
 This is the only module that knows YAML exists. Config files are parsed by jsonargparse in
 "omegaconf+" mode: `${...}` interpolations resolve after command-line overrides are applied.
@@ -27,6 +28,7 @@ TOOLS: dict[str, str] = {
     "cache-latents": "vlt.data.latents:cache_latents",
     "sample": "vlt.sampling:sample",
     "curves": "vlt.callbacks.curves:curves",
+    "allocate": "vlt.adaptive.command:allocate",
 }
 
 

@@ -1,0 +1,245 @@
+"""`vlt allocate`: per-image K over a latent cache's distortion curves, written beside the cache.
+
+Letters: S cached samples of a split, G grid levels.
+
+    vlt allocate --cache data/latents/tokenizer-tiny-adaptive --budget 8
+    vlt allocate --cache ... --budget 8 --cost k2          # equal mean attention cost as K = 8
+    vlt allocate --cache ... --rule threshold --tau 24     # the smallest K with PSNR >= 24 dB
+    vlt allocate --cache ... --budget 8 --source predictor # curves from the single-pass predictor
+
+Distortion is D = -PSNR from the curves `vlt cache-latents` measured (optimal for the mean PSNR we
+report), or D = MSE (`--distortion mse`, optimal for the mean squared error: it spends more tokens
+on images whose error is large in absolute terms). lambda is solved on TRAIN and
+the same lambda (or tau) is applied to every split, as it would be to new images at inference.
+Writes allocation.json + k-<split>.npz (`vlt.adaptive.store`), TensorBoard histograms of K_i per
+class and per complexity, and prints a table: achieved mean K, mean PSNR at K_i against fixed K,
+Spearman correlation of K_i with the complexity label and with the PNG size.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Literal, get_args
+
+import numpy as np
+import torch
+from scipy.stats import spearmanr
+
+from vlt.adaptive import allocation as A
+from vlt.adaptive.distortion import Curves, load_curves
+from vlt.adaptive.store import save_allocation
+
+Rule = Literal["lagrangian", "threshold"]
+Source = Literal["search", "predictor"]
+Distortion = Literal["neg_psnr", "mse"]
+SPLITS = ("train", "val")
+
+
+def _check(name: str, value: str, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ValueError(f"{name}={value!r} is not supported; choose one of {allowed}")
+
+
+def _rho(a: np.ndarray, b: np.ndarray) -> float | None:
+    """Spearman's rho, None where it is undefined (a constant input)."""
+    if len(a) < 2 or np.all(a == a[0]) or np.all(b == b[0]):
+        return None
+    return float(spearmanr(a, b).statistic)
+
+
+def to_distortion(psnr, kind: Distortion) -> torch.Tensor:
+    """PSNR dB (S, G) -> distortion, lower is better: -PSNR or the MSE in [0, 1] pixel units."""
+    psnr = torch.as_tensor(psnr).double()
+    return -psnr if kind == "neg_psnr" else torch.pow(10.0, -psnr / 10)
+
+
+def _choose(d: torch.Tensor, grid: list[int], rule: Rule, lam, tau, cost: A.Cost, kind: Distortion):
+    """K_i (S,) from distortions (S, G) with a solved lambda or a PSNR threshold tau (dB)."""
+    if rule == "lagrangian":
+        return A.lagrangian(d, grid, lam, cost)
+    return A.threshold(d, grid, float(to_distortion(torch.tensor(tau), kind)))
+
+
+def fixed_at(psnr_by_k: dict[int, float], budget: float, cost: A.Cost) -> float:
+    """Mean PSNR of fixed K at a budget between grid levels: time-sharing between the two neighbours
+    (a fraction of images at each), linear in cost units, which is what a fixed-K system can reach."""
+    ks = sorted(psnr_by_k)
+    c = A.cost_of(ks, cost).tolist()
+    b = budget if cost == "k" else budget**2
+    hi = min(int(np.searchsorted(c, b)), len(ks) - 1)
+    lo = max(hi - 1, 0)
+    if c[hi] == c[lo] or b >= c[hi]:
+        return psnr_by_k[ks[hi]]
+    t = (b - c[lo]) / (c[hi] - c[lo])
+    return (1 - t) * psnr_by_k[ks[lo]] + t * psnr_by_k[ks[hi]]
+
+
+def summarise(curves: Curves, ks: torch.Tensor, cost: A.Cost) -> dict:
+    """Achieved mean K (and cost-equivalent K), true mean PSNR at K_i, fixed-K PSNR, Spearman rhos."""
+    grid = curves.grid
+    index = torch.searchsorted(torch.as_tensor(grid), ks)  # (S,)
+    true = torch.as_tensor(curves.psnr).double()  # (S, G)
+    k = ks.numpy()
+    return {
+        "mean_k": float(ks.double().mean()),
+        "mean_cost": A.mean_cost(ks, cost),
+        "psnr": float(true.gather(1, index[:, None]).mean()),
+        "fixed_psnr": {int(g): float(true[:, j].mean()) for j, g in enumerate(grid)},
+        "spearman": {"complexity": _rho(k, curves.complexity), "png_bytes": _rho(k, curves.png_bytes)},
+    }
+
+
+def agreement(curves: Curves, predicted: torch.Tensor, searched: torch.Tensor) -> dict:
+    """How a predicted allocation compares with the search on the same images (true curves)."""
+    grid = torch.as_tensor(curves.grid)
+    true = torch.as_tensor(curves.psnr).double()  # (S, G)
+    at = lambda ks: true.gather(1, torch.searchsorted(grid, ks)[:, None]).squeeze(1)
+    return {
+        "equal_fraction": float((predicted == searched).double().mean()),
+        "mean_abs_log2_ratio": float((predicted.double().log2() - searched.double().log2()).abs().mean()),
+        "mean_k": float(predicted.double().mean()),
+        "search_mean_k": float(searched.double().mean()),
+        "psnr": float(at(predicted).mean()),
+        "search_psnr": float(at(searched).mean()),
+        "psnr_given_up": float((at(searched) - at(predicted)).mean()),
+    }
+
+
+def allocate(
+    *,
+    cache: str,
+    budget: float | None = None,
+    rule: Rule = "lagrangian",
+    cost: A.Cost = "k",
+    tau: float | None = None,
+    source: Source = "search",
+    distortion: Distortion = "neg_psnr",
+    predictor_steps: int = 1000,
+    predictor_width: int = 128,
+    num_classes: int | None = None,
+    log_dir: str | None = None,
+    seed: int = 0,
+) -> dict:
+    """Choose K_i for every cached image and write allocation.json + k-<split>.npz into the cache.
+
+    Args:
+        cache: a latent cache built by `vlt cache-latents` with distortion curves (train and val).
+        budget: the mean budget as an equivalent fixed K (required by the Lagrangian rule).
+        rule: "lagrangian" (equal slope, lambda solved on train for the budget) or "threshold".
+        cost: "k" (mean K) or "k2" (mean K^2, attention cost; budget 8 means mean K^2 = 64).
+        tau: the threshold rule's target PSNR in dB: K_i = the smallest K with PSNR >= tau.
+        source: "search" (the measured curves) or "predictor" (curves predicted from the latents by
+            a head trained on train, loaded from <cache>/predictor.pt when it matches).
+        distortion: "neg_psnr" (maximise mean PSNR) or "mse" (minimise mean squared error).
+        predictor_steps, predictor_width: training steps and width of the predictor head.
+        num_classes: rows of p(K | class); default max label + 1 over the splits.
+        log_dir: TensorBoard folder (default <cache>/tb); each call writes its own run folder in it.
+        seed: predictor training seed.
+
+    Returns:
+        The allocation.json content.
+    """
+    _check("rule", rule, get_args(Rule))
+    _check("cost", cost, A.COSTS)
+    _check("source", source, get_args(Source))
+    _check("distortion", distortion, get_args(Distortion))
+    if rule == "lagrangian" and budget is None:
+        raise ValueError("rule='lagrangian' needs --budget (a mean K, e.g. 8)")
+    if rule == "threshold" and tau is None:
+        raise ValueError("rule='threshold' needs --tau (a PSNR in dB)")
+    root = Path(cache)
+    curves = {split: load_curves(root, split) for split in SPLITS}
+    grid = A.check_grid(curves["train"].grid)
+    if curves["val"].grid != grid:
+        raise ValueError(f"train grid {grid} and val grid {curves['val'].grid} differ in {root}")
+    true_d = {s: to_distortion(c.psnr, distortion) for s, c in curves.items()}  # (S, G) each
+    d, report = true_d, None
+    if source == "predictor":
+        from vlt.adaptive.predictor import predicted_curves
+
+        pred, report = predicted_curves(root, curves, steps=predictor_steps, width=predictor_width, seed=seed)
+        d = {s: to_distortion(p, distortion) for s, p in pred.items()}
+    lam = A.solve_lambda(d["train"], grid, budget, cost) if rule == "lagrangian" else None
+    ks = {s: _choose(d[s], grid, rule, lam, tau, cost, distortion) for s in SPLITS}
+    labels = {s: torch.as_tensor(c.label) for s, c in curves.items()}
+    num_classes = num_classes or max(int(max(lab.max() for lab in labels.values())) + 1, 1)
+    stats = {s: summarise(curves[s], ks[s], cost) for s in SPLITS}
+    meta = {
+        "rule": rule,
+        "cost": cost,
+        "budget": budget,
+        "requested_budget": budget,
+        "lambda": lam,
+        "tau": tau,
+        "grid": grid,
+        "distortion": distortion,
+        "source": source,
+        "num_classes": num_classes,
+        "p_k_given_class": A.k_histogram(ks["train"], labels["train"], grid, num_classes).tolist(),
+        "samples": {s: len(curves[s].keys) for s in SPLITS},
+        **{name: {s: stats[s][name] for s in SPLITS} for name in ("mean_k", "mean_cost", "psnr")},
+        "fixed_psnr": {s: stats[s]["fixed_psnr"] for s in SPLITS},
+        "spearman": {s: stats[s]["spearman"] for s in SPLITS},
+    }
+    if budget is not None:
+        meta["fixed_at_budget"] = {s: fixed_at(stats[s]["fixed_psnr"], budget, cost) for s in SPLITS}
+    if report is not None:
+        search_lam = _search_lambda(true_d, grid, rule, budget, cost)
+        searched = _choose(true_d["val"], grid, rule, search_lam, tau, cost, distortion)
+        meta["predictor"] = {**report, "val": agreement(curves["val"], ks["val"], searched)}
+    save_allocation(root, meta, {s: (curves[s].keys, ks[s].numpy()) for s in SPLITS})
+    level = f"b{budget:g}" if rule == "lagrangian" else f"tau{tau:g}"
+    run_name = f"{rule}-{cost}-{level}-{distortion}-{source}"
+    write_histograms(Path(log_dir) if log_dir else root / "tb", run_name, curves, ks, meta)
+    print(table(meta))
+    return meta
+
+
+def _search_lambda(true_d: dict, grid: list[int], rule: Rule, budget: float | None, cost: A.Cost):
+    return A.solve_lambda(true_d["train"], grid, budget, cost) if rule == "lagrangian" else None
+
+
+def write_histograms(log_dir: Path, run: str, curves: dict, ks: dict, meta: dict) -> Path:
+    """TensorBoard: histograms of K_i per class and per complexity value, and the summary scalars."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    path = log_dir / run
+    with SummaryWriter(str(path)) as writer:
+        for split, c in curves.items():
+            k = ks[split].double()
+            writer.add_histogram(f"{split}/k", k, 0)
+            for name, values in (("class", c.label), ("complexity", c.complexity)):
+                for v in np.unique(values):
+                    writer.add_histogram(f"{split}/k_by_{name}/{int(v)}", k[torch.as_tensor(values == v)], 0)
+            writer.add_scalar(f"{split}/mean_k", meta["mean_k"][split], 0)
+            writer.add_scalar(f"{split}/psnr", meta["psnr"][split], 0)
+    return path
+
+
+def table(meta: dict) -> str:
+    """A small markdown table of the allocation, one row per split."""
+    what = f"budget {meta['budget']:g}" if meta["rule"] == "lagrangian" else f"tau {meta['tau']:g} dB"
+    lines = [
+        f"allocation: {meta['rule']} {what} cost {meta['cost']} D={meta['distortion']} "
+        f"from {meta['source']} curves, "
+        f"grid {meta['grid']}",
+        "| split | mean K | cost-equiv K | PSNR adaptive | PSNR fixed@budget | rho complexity | rho png |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    fmt = lambda x: "-" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.3f}"
+    for s in SPLITS:
+        fixed = meta.get("fixed_at_budget", {}).get(s)
+        rho = meta["spearman"][s]
+        lines.append(
+            f"| {s} | {meta['mean_k'][s]:.2f} | {meta['mean_cost'][s]:.2f} | {meta['psnr'][s]:.2f} | "
+            f"{fmt(fixed)} | {fmt(rho['complexity'])} | {fmt(rho['png_bytes'])} |"
+        )
+    if "predictor" in meta:
+        v = meta["predictor"]["val"]
+        lines.append(
+            f"predictor (val): equal K {v['equal_fraction']:.3f}, mean |log2 ratio| "
+            f"{v['mean_abs_log2_ratio']:.3f}, mean K {v['mean_k']:.2f} vs {v['search_mean_k']:.2f}, "
+            f"PSNR given up {v['psnr_given_up']:.3f} dB"
+        )
+    return "\n".join(lines)
