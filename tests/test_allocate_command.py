@@ -76,6 +76,11 @@ def test_allocate_on_a_hand_made_cache(toy_cache, capsys):
     assert meta["spearman"]["val"]["complexity"] > 0.5
     assert meta["psnr"]["train"] > meta["fixed_psnr"]["train"]["4"]
     assert meta["num_classes"] == 3
+    # D = MSE spends tokens where the absolute error is large: the pooled (mean-MSE) PSNR improves.
+    vlt(["allocate", "--cache", str(toy_cache), "--budget", "4", "--distortion", "mse"])
+    mse = load_allocation(toy_cache)
+    assert mse["distortion"] == "mse" and mse["mean_k"]["train"] <= 4
+    assert mse["pooled_psnr"]["train"] > mse["fixed_pooled_psnr"]["train"]["4"]
 
 
 def test_allocate_from_the_predictor(toy_cache):

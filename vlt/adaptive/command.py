@@ -81,11 +81,16 @@ def summarise(curves: Curves, ks: torch.Tensor, cost: A.Cost) -> dict:
     index = torch.searchsorted(torch.as_tensor(grid), ks)  # (S,)
     true = torch.as_tensor(curves.psnr).double()  # (S, G)
     k = ks.numpy()
+    # Pooled PSNR = PSNR of the mean MSE over images: the figure a D = MSE allocation optimises.
+    pooled = lambda p: float(-10 * torch.log10(torch.pow(10.0, -p / 10).mean()))
+    at_k = true.gather(1, index[:, None]).squeeze(1)  # (S,)
     return {
         "mean_k": float(ks.double().mean()),
         "mean_cost": A.mean_cost(ks, cost),
-        "psnr": float(true.gather(1, index[:, None]).mean()),
+        "psnr": float(at_k.mean()),
         "fixed_psnr": {int(g): float(true[:, j].mean()) for j, g in enumerate(grid)},
+        "pooled_psnr": pooled(at_k),
+        "fixed_pooled_psnr": {int(g): pooled(true[:, j]) for j, g in enumerate(grid)},
         "spearman": {"complexity": _rho(k, curves.complexity), "png_bytes": _rho(k, curves.png_bytes)},
     }
 
@@ -180,6 +185,8 @@ def allocate(
         "samples": {s: len(curves[s].keys) for s in SPLITS},
         **{name: {s: stats[s][name] for s in SPLITS} for name in ("mean_k", "mean_cost", "psnr")},
         "fixed_psnr": {s: stats[s]["fixed_psnr"] for s in SPLITS},
+        "pooled_psnr": {s: stats[s]["pooled_psnr"] for s in SPLITS},
+        "fixed_pooled_psnr": {s: stats[s]["fixed_pooled_psnr"] for s in SPLITS},
         "spearman": {s: stats[s]["spearman"] for s in SPLITS},
     }
     if budget is not None:
