@@ -1,7 +1,8 @@
 """`vlt sample`: class-conditional images from a DiT + tokenizer checkpoint pair, at one or more K.
 
 Writes, per K, a PNG grid and an `.npz` whose `arr_0` is uint8 (B, H, W, 3): the layout external
-FID evaluators (the ADM suite, torch-fidelity) read.
+FID evaluators (the ADM suite, torch-fidelity) read. With `--budget MEAN_K` (content-adaptive K) each
+image gets its own K, drawn from the DiT's p(K | class) tilted to that mean; the npz also holds `ks`.
 """
 
 from __future__ import annotations
@@ -43,8 +44,9 @@ def sample(
     cfg_scale: float = 1.5,
     seed: int = 0,
     out: str = "samples",
+    budget: float | None = None,
 ) -> list[Path]:
-    """Sample `count` images per K and save a PNG grid + an npz per K.
+    """Sample `count` images per K and save a PNG grid + an npz per K (or one set at a mean-K budget).
 
     Args:
         dit: a `LitDiT` checkpoint.
@@ -56,7 +58,11 @@ def sample(
         cfg_scale: guidance weight w (1 = no guidance).
         seed: the same seed gives the same images.
         out: output folder.
+        budget: mean K over the `count` images, one K per image (instead of `k`); writes
+            grid_budget<B>.png and samples_budget<B>.npz (arr_0, labels, ks).
     """
+    if budget is not None and k is not None:
+        raise ValueError("pass either --k (every image at each K) or --budget (one K per image), not both")
     from vlt.lit.dit import LitDiT
 
     model = LitDiT.load_from_checkpoint(dit, map_location="cpu").eval()
@@ -67,6 +73,8 @@ def sample(
     y = torch.tensor([labels[i % len(labels)] for i in range(count)])
     root = Path(out)
     root.mkdir(parents=True, exist_ok=True)
+    if budget is not None:
+        return sample_at_budget(model, y, budget, steps=steps, cfg_scale=cfg_scale, seed=seed, root=root)
     written = []
     for kk in ks:
         gen = torch.Generator().manual_seed(seed)
@@ -78,3 +86,22 @@ def sample(
             f"sample: {count} images at K={kk} -> {root / f'grid_k{kk}.png'}, {root / f'samples_k{kk}.npz'}"
         )
     return written
+
+
+def sample_at_budget(
+    model, y: torch.Tensor, budget: float, *, steps: int, cfg_scale: float, seed: int, root: Path
+) -> list[Path]:
+    """One K per image at a mean-K budget: grid_budget<B>.png + samples_budget<B>.npz (arr_0, labels, ks)."""
+    gen = torch.Generator().manual_seed(seed)
+    images, ks = model.generate_adaptive(y, budget, cfg_scale=cfg_scale, steps=steps, generator=gen)
+    images = to_uint8(images)
+    tag = f"budget{budget:g}"
+    grid, npz = root / f"grid_{tag}.png", root / f"samples_{tag}.npz"
+    save_grid(images, grid)
+    np.savez(npz, images, labels=y.numpy(), ks=ks.numpy())
+    counts = {k: int((ks == k).sum()) for k in ks.unique().tolist()}
+    print(
+        f"sample: {len(y)} images at mean K {budget:g} requested, {ks.double().mean().item():.2f} achieved "
+        f"(images per K: {counts}) -> {grid}, {npz}"
+    )
+    return [grid, npz]

@@ -6,6 +6,11 @@ Batches hold the full N-slot latents; each step picks one K (from a cycle: one K
 padding), normalises with the cache's channel statistics, merges with the tokenizer's fixed
 Gbar_K and trains the rectified flow. The merge table and the statistics are buffers, so a
 checkpoint samples on its own; the tokenizer (for decoding) is loaded on demand and never saved here.
+
+Content-adaptive K (vlt's extension, k_source="data"): each image has its own K_i from `vlt allocate`,
+the datamodule buckets batches by K_i, each step trains at its batch's K and the DiT embeds K in its
+conditioning. p(K | class) from the allocation is a buffer, so sampling draws K per image (or tilts
+p(K | class) to a mean-K budget) from the checkpoint alone.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from torch import Tensor, nn
 from torchmetrics import MeanMetric
 
 from vlt.data.latents import cache_meta, latent_stats
+from vlt.lit.dit_adaptive import K_SOURCES, AdaptiveK, KSource, allocation_buffers, batch_k
 from vlt.lit.specs import OptimSpec, allow_in_checkpoints, param_groups
 from vlt.models.dit import DiT, DiTConfig
 from vlt.models.merge_ops import MergeTable, column_normalise, merge, one_hot, unmerge
@@ -45,7 +51,7 @@ def paper_cycle(n: int) -> list[int]:
     return [n // 2] * 4 + [n // 4] * 2 + [n // 8]
 
 
-class LitDiT(L.LightningModule):
+class LitDiT(AdaptiveK, L.LightningModule):
     """DiT + rectified flow over the tokenizer's merged latents.
 
     Args:
@@ -53,9 +59,13 @@ class LitDiT(L.LightningModule):
         cache: latent cache folder written by `vlt cache-latents` (merge table + statistics).
         tokenizer: the stage-1 checkpoint that produced the cache, for decoding samples (optional).
         ks: the K values this model serves (default: every K of the cache's merge table).
-        k_cycle: K per training step, cycled (default: `paper_cycle(N)`).
+        k_cycle: K per training step, cycled (default: `paper_cycle(N)`); k_source="cycle" only.
         flow: flow and sampler settings.
         optim: optimizer and schedule.
+        k_source: "cycle" (one K per step from k_cycle) or "data" (each step at its batch's K_i,
+            content-adaptive; needs dit.k_conditioning and a datamodule with an allocation).
+        allocation: allocation.json of `vlt allocate` (k_source="data"; default <cache>/allocation.json),
+            read for p(K | class) and its K grid (a subset of ks).
     """
 
     def __init__(
@@ -68,8 +78,12 @@ class LitDiT(L.LightningModule):
         k_cycle: list[int] | None = None,
         flow: FlowSpec | None = None,
         optim: OptimSpec | None = None,
+        k_source: KSource = "cycle",
+        allocation: str | None = None,
     ) -> None:
         super().__init__()
+        if k_source not in K_SOURCES:
+            raise ValueError(f"k_source={k_source!r} is not supported; choose one of {K_SOURCES}")
         dit, flow, optim = (
             dit or DiTConfig(),
             flow or FlowSpec(),
@@ -86,6 +100,8 @@ class LitDiT(L.LightningModule):
                 "k_cycle": k_cycle,
                 "flow": flow,
                 "optim": optim,
+                "k_source": k_source,
+                "allocation": allocation,
             }
         )
         self.dit = DiT(dit)
@@ -108,10 +124,18 @@ class LitDiT(L.LightningModule):
         )
         self.register_buffer("latent_mean", mean)
         self.register_buffer("latent_std", std)
+        self.k_source = k_source
+        if k_source == "data":
+            path = allocation or (str(Path(cache) / "allocation.json") if cache else None)
+            probs, grid = allocation_buffers(path, dit, ks)
+            self.register_buffer("k_probs", probs)  # (num_classes + 1, G) p(K | class)
+            self.register_buffer("k_grid", grid)  # (G,)
         # Constant buffers: keep DDP from broadcasting them on every forward, which would hang
         # validation when ranks hold different numbers of batches (exactly-once split).
         self._ddp_params_and_buffers_to_ignore = [name for name, _ in self.named_buffers()]
         self.val_loss = nn.ModuleDict({str(k): MeanMetric() for k in ks})
+        if k_source == "data":
+            self.val_loss_adaptive = MeanMetric()
         self._decoder: list = []  # the tokenizer, loaded lazily; a list keeps it out of state_dict
 
     # --- the merge pattern and the normalisation ---
@@ -138,8 +162,10 @@ class LitDiT(L.LightningModule):
         return torch.where(y < 0, torch.full_like(y, self.dit.null_label), y)
 
     # --- training ---
-    def training_k(self) -> int:
-        """One K per step from the cycle, the same on every rank (it follows global_step)."""
+    def training_k(self, batch: dict | None = None) -> int:
+        """The step's K: from the cycle, the same on every rank (it follows global_step), or the batch's."""
+        if self.k_source == "data":
+            return batch_k(batch)
         return self.k_cycle[self.global_step % len(self.k_cycle)]
 
     def _loss(self, batch: dict, k: int) -> dict[str, Tensor]:
@@ -148,19 +174,26 @@ class LitDiT(L.LightningModule):
         return self.flow.training_losses(self.dit, x1, self.labels(batch["label"]), gbar, sizes)
 
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:
-        k = self.training_k()
+        k = self.training_k(batch)
         parts = self._loss(batch, k)
         self.log_dict({"train/loss": parts["loss"], "train/mse": parts["mse"], "train/k": float(k)})
         return parts["loss"]
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
+        own = batch_k(batch) if self.k_source == "data" else None
         for k in self.ks:
-            self.val_loss[str(k)].update(self._loss(batch, k)["loss"])
+            loss = self._loss(batch, k)["loss"]
+            self.val_loss[str(k)].update(loss)
+            if k == own:  # content-adaptive: the loss at the images' own K, weighted per image
+                self.val_loss_adaptive.update(loss, len(batch["label"]))
 
     def on_validation_epoch_end(self) -> None:
         for k in self.ks:
             self.log(f"val/loss@k{k}", self.val_loss[str(k)].compute())
             self.val_loss[str(k)].reset()
+        if self.k_source == "data":
+            self.log("val/loss_adaptive", self.val_loss_adaptive.compute())
+            self.val_loss_adaptive.reset()
 
     def configure_optimizers(self) -> dict:
         return self.optim_spec.build(
