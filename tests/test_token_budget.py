@@ -234,27 +234,33 @@ def test_two_process_evaluation_matches_one_process(tmp_path, monkeypatch):
         assert np.allclose(a["mu"], b["mu"], atol=1e-6) and np.allclose(a["sigma"], b["sigma"], atol=1e-6)
 
 
-def test_adaptive_rows_follow_the_oracle_allocation(tmp_path):
-    rows = validate(tmp_path, "adaptive", devices=1, budgets=[8, 10])
+@pytest.mark.parametrize("objective", ["mse", "psnr"])
+def test_adaptive_rows_follow_the_oracle_allocation(tmp_path, objective):
+    rows = validate(tmp_path, "adaptive", devices=1, budgets=[8, 10], budget_objective=objective)
     images = Shapes().images[:16]  # the callback's num_images first val images
     torch.manual_seed(0)
     model = TinyAutoencoder().eval()  # the same weights validate() scored
     with torch.no_grad():
         curves = torch.stack(
             [token_budget.psnr(model.budget_reconstruct(images, k).clamp(-1, 1), images) for k in (4, 16)], 1
-        )  # (16, 2) per-image PSNR at K = 4, 16
+        ).double()  # (16, 2) per-image PSNR at K = 4, 16
+    mse = torch.pow(10.0, -curves / 10)
+    fixed = {int(r["k"]): r for r in rows if r["mode"] == "fixed"}
+    for k, column in ((4, 0), (16, 1)):
+        assert float(fixed[k]["psnr_mse"]) == pytest.approx(
+            float(-10 * mse[:, column].mean().log10()), rel=1e-5
+        )
     adaptive = {(float(r["k"]), r["mode"]): r for r in rows if r["mode"] != "fixed"}
-    assert set(adaptive) == {
-        (8.0, "adaptive"),
-        (10.0, "adaptive"),
-        (8.0, "adaptive-k2"),
-        (10.0, "adaptive-k2"),
-    }
+    assert set(adaptive) == {(b, m) for b in (8.0, 10.0) for m in ("adaptive", "adaptive-k2")}
     for (budget, mode), row in adaptive.items():
-        ks, _ = allocate(-curves.double(), [4, 16], budget, "k" if mode == "adaptive" else "k2")
+        d = mse if objective == "mse" else -curves
+        ks, _ = allocate(d, [4, 16], budget, "k" if mode == "adaptive" else "k2")
         assert float(row["tokens"]) == pytest.approx(float(ks.double().mean()))
-        chosen = curves.gather(1, (ks == 16).long()[:, None]).mean()
-        assert float(row["psnr"]) == pytest.approx(float(chosen), rel=1e-5)
+        chosen = (ks == 16).long()[:, None]
+        assert float(row["psnr"]) == pytest.approx(float(curves.gather(1, chosen).mean()), rel=1e-5)
+        assert float(row["psnr_mse"]) == pytest.approx(
+            float(-10 * mse.gather(1, chosen).mean().log10()), rel=1e-5
+        )
         cost = float(row["tokens"]) if mode == "adaptive" else float(row["k_rms"])
         assert cost <= budget + 1e-9  # within the budget, never above
         assert np.isfinite(float(row["rfid_proxy"]))
@@ -279,3 +285,5 @@ def test_adaptive_generation_rows_and_a_before_curve(tmp_path):
 def test_budgets_outside_the_evaluated_ks_are_refused():
     with pytest.raises(ValueError, match="outside the evaluated K range"):
         TokenBudgetCallback(ks=[4, 16], budgets=[32])
+    with pytest.raises(ValueError, match="unknown allocation objective 'ssim'"):
+        TokenBudgetCallback(ks=[4, 16], budgets=[8], budget_objective="ssim")

@@ -3,10 +3,16 @@
 Letters: B images (this rank), T images (all ranks), G evaluated K levels.
 
 Reconstruction (stage 1): the fixed-K pass already measured every image's PSNR at every K, i.e. its
-distortion curve D_i(K) = -PSNR_i(K). For each budget the Lagrangian allocation is solved on the
-curves of ALL ranks' images (gathered, so every rank agrees on lambda), the adaptive PSNR is read off
-the curves, and rFID reconstructs each image once more at its own K_i. This is an oracle allocation
-(the search, on the evaluated images themselves); a learned predictor can only do worse.
+distortion curve D_i(K). For each budget the Lagrangian allocation is solved on the curves of ALL
+ranks' images (gathered, so every rank agrees on lambda), the adaptive PSNR is read off the curves,
+and rFID reconstructs each image once more at its own K_i. This is an oracle allocation (the search,
+on the evaluated images themselves); a learned predictor can only do worse.
+
+The objective decides who gets tokens. "mse" (D = squared error, classical rate-distortion) minimises
+the set's mean squared error, i.e. maximises `psnr_mse` = PSNR of the mean MSE, and gives tokens to
+busy images, whose error falls most in absolute terms. "psnr" (D = -PSNR) maximises the mean of
+per-image PSNR in dB, and gives tokens to whichever images gain the most dB per token, which can be
+the simple ones (their error is small, so halving it is worth as many dB as for a busy image).
 
 Generation (stage 2): the module samples each image at a K drawn from p(K | class) tilted to the
 budget (`budget_generate_adaptive`); the row reports the K it actually used.
@@ -21,6 +27,20 @@ import torch.distributed as dist
 from torch import Tensor
 
 from vlt.adaptive.allocation import COSTS, allocate
+
+OBJECTIVES = ("mse", "psnr")
+
+
+def distortion(psnr: Tensor, objective: str) -> Tensor:
+    """Per-image distortion curves from PSNR curves (dB): squared error in [0, 1] units, or -PSNR."""
+    if objective not in OBJECTIVES:
+        raise ValueError(f"unknown allocation objective {objective!r}; choose one of {OBJECTIVES}")
+    return torch.pow(10.0, -psnr / 10) if objective == "mse" else -psnr
+
+
+def psnr_of_mean_mse(psnr: Tensor) -> float:
+    """PSNR (dB) of the mean squared error over a set of images, from their per-image PSNR."""
+    return float(-10 * torch.log10(torch.pow(10.0, -psnr.double() / 10).mean()))
 
 
 def mode_name(cost: str) -> str:
@@ -65,7 +85,7 @@ def reconstruction_rows(
     rows, scalars = [], {}
     for cost in callback.budget_costs:
         for budget in callback.budgets:
-            ks_all, lam = allocate(-curves, grid, budget, cost)  # (T,)
+            ks_all, lam = allocate(distortion(curves, callback.budget_objective), grid, budget, cost)  # (T,)
             index = torch.searchsorted(torch.as_tensor(grid), ks_all)
             row = {**base, "k": budget, "mode": mode_name(cost), "budget": budget, "lambda": lam}
             row["tokens"] = float(ks_all.double().mean())
@@ -74,7 +94,8 @@ def reconstruction_rows(
             row["flops"] = float(torch.tensor([flops[int(k)] for k in ks_all]).mean())
             values = {}
             if "psnr" in callback.metrics:
-                values["psnr"] = float(curves.gather(1, index[:, None]).mean())
+                chosen = curves.gather(1, index[:, None]).squeeze(1)  # (T,)
+                values["psnr"], values["psnr_mse"] = float(chosen.mean()), psnr_of_mean_mse(chosen)
             if "rfid" in callback.metrics:
                 mine = ks_all[offset : offset + len(psnr_local)]
                 values[metric_name("rfid", callback.extractor)] = _rfid_at(

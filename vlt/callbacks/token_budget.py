@@ -11,6 +11,7 @@ CSV/JSON under `trainer.log_dir/curves/` (read by `vlt curves`).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from typing import Any, Literal, Protocol, get_args
 
@@ -22,7 +23,12 @@ from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
-from vlt.callbacks.adaptive_budget import check_budgets, generation_rows, reconstruction_rows
+from vlt.callbacks.adaptive_budget import (
+    check_budgets,
+    distortion,
+    generation_rows,
+    reconstruction_rows,
+)
 from vlt.callbacks.budget_data import collect_images
 from vlt.callbacks.curves import by_mode, metric_columns, plot_curves, write_curve
 from vlt.metrics.fid import EXTRACTORS, Extractor, build_fid, metric_name
@@ -103,6 +109,8 @@ class TokenBudgetCallback(pl.Callback):
             `vlt.callbacks.adaptive_budget`); rows get mode "adaptive" (equal mean K) or
             "adaptive-k2" (equal mean K^2, the attention cost of a fixed K = budget).
         budget_costs: which equalities the reconstruction budgets use: "k", "k2" or both.
+        budget_objective: what the reconstruction allocation optimises: "mse" (the set's mean squared
+            error; busy images get the tokens) or "psnr" (mean per-image PSNR in dB).
         at_fit_start: also evaluate before the first training step (a "before" curve).
     """
 
@@ -125,6 +133,7 @@ class TokenBudgetCallback(pl.Callback):
         seed: int = 0,
         budgets: list[float] | None = None,
         budget_costs: list[str] | None = None,
+        budget_objective: str = "mse",
         at_fit_start: bool = False,
     ) -> None:
         super().__init__()
@@ -142,6 +151,8 @@ class TokenBudgetCallback(pl.Callback):
         self.budgets = sorted(set(budgets or []))
         self.budget_costs = ["k", "k2"] if budget_costs is None else list(budget_costs)
         check_budgets(self.budgets, self.budget_costs, self.ks)
+        distortion(torch.zeros(1), budget_objective)  # validates the name
+        self.budget_objective = budget_objective
         self.at_fit_start = at_fit_start
         self.every_n_epochs, self.every_n_steps, self.at_fit_end = every_n_epochs, every_n_steps, at_fit_end
         self.num_images, self.batch_size = num_images, batch_size
@@ -288,6 +299,11 @@ class TokenBudgetCallback(pl.Callback):
         if "psnr" in self.metrics:
             total, count = _all_sum([total, float(count)], self._reduce_device(pl_module.device))
             out["psnr"] = total / max(count, 1.0)
+            # PSNR of the set's mean squared error (the quantity an "mse" allocation maximises).
+            err = _all_sum(
+                [float(torch.pow(10.0, -self._curves[k] / 10).sum())], self._reduce_device(pl_module.device)
+            )
+            out["psnr_mse"] = -10 * math.log10(max(err[0] / max(count, 1.0), 1e-10))
         if "rfid" in self.metrics:
             out[metric_name("rfid", self.extractor)] = float(fid.compute())
         return out
