@@ -13,6 +13,7 @@ was chosen per image (content-adaptive mode).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -57,6 +58,11 @@ class DiTConfig:
     @property
     def hidden(self) -> int:
         return int(self.mlp * self.width)
+
+
+class DiTOutput(NamedTuple):
+    velocity: Tensor  # (B, K, C)
+    hidden: Tensor  # (B, K, D) tokens after the first `depth` blocks (representation alignment)
 
 
 class DiTBlock(nn.Module):
@@ -158,15 +164,65 @@ class DiT(nn.Module):
         Returns:
             (B, K, C) velocity.
         """
+        h, c, bias = self._embed(x, t, y, gbar, sizes, force_drop_ids)
+        for block in self.blocks:
+            h = block(h, c, bias)  # (B, K, D)
+        return self.final(h, c)  # (B, K, C)
+
+    def forward_hidden(
+        self,
+        x: Tensor,
+        t: Tensor,
+        y: Tensor,
+        gbar: Tensor,
+        sizes: Tensor,
+        *,
+        depth: int,
+        force_drop_ids: Tensor | None = None,
+    ) -> DiTOutput:
+        """`forward` that also returns the hidden tokens after block `depth` (1..depth of the net):
+        the DiT side of a representation-alignment loss. Arguments as in `forward`."""
+        self._check_depth(depth)
+        h, c, bias = self._embed(x, t, y, gbar, sizes, force_drop_ids)
+        hidden = h
+        for i, block in enumerate(self.blocks):
+            h = block(h, c, bias)  # (B, K, D)
+            if i + 1 == depth:
+                hidden = h
+        return DiTOutput(velocity=self.final(h, c), hidden=hidden)
+
+    def hidden_states(
+        self,
+        x: Tensor,
+        t: Tensor,
+        y: Tensor,
+        gbar: Tensor,
+        sizes: Tensor,
+        *,
+        depth: int,
+        force_drop_ids: Tensor | None = None,
+    ) -> Tensor:
+        """(B, K, D) hidden tokens after block `depth`, running only the first `depth` blocks."""
+        self._check_depth(depth)
+        h, c, bias = self._embed(x, t, y, gbar, sizes, force_drop_ids)
+        for block in self.blocks[:depth]:
+            h = block(h, c, bias)  # (B, K, D)
+        return h
+
+    def _check_depth(self, depth: int) -> None:
+        if not 1 <= depth <= self.cfg.depth:
+            raise ValueError(f"hidden depth must be in [1, {self.cfg.depth}], got {depth}")
+
+    def _embed(
+        self, x: Tensor, t: Tensor, y: Tensor, gbar: Tensor, sizes: Tensor, force_drop_ids: Tensor | None
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """Token embeddings (B, K, D), conditioning (B, D) and the attention key bias."""
         b, k, _ = x.shape
         h = self.x_embed(x) + self.positions(gbar)  # (B, K, D)
         c = self.t_embed(t) + self.y_embed(y, force_drop_ids)  # (B, D)
         if self.k_embed is not None:
             c = c + self.k_embed(torch.full((b,), float(k), device=x.device))  # (B, D)
-        bias = size_bias(sizes)  # (1 or B, 1, 1, K)
-        for block in self.blocks:
-            h = block(h, c, bias)  # (B, K, D)
-        return self.final(h, c)  # (B, K, C)
+        return h, c, size_bias(sizes)  # bias: (1 or B, 1, 1, K)
 
     def flops(self, k: int) -> int:
         """Analytic forward FLOPs per image at K tokens (matmuls only, 2*m*n*k each).

@@ -15,7 +15,7 @@ unmerged prediction, where token j's error counts once for each of its m_j slots
 from __future__ import annotations
 
 from itertools import pairwise
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -38,6 +38,15 @@ def token_weights(sizes: Tensor) -> Tensor:
     """Loss weights m_j K / N: sizes (K,) or (B, K) -> same shape, summing to K per image."""
     n = sizes.sum(dim=-1, keepdim=True)
     return sizes.float() * sizes.shape[-1] / n
+
+
+class NoisyBatch(NamedTuple):
+    """One draw of the training path: model input, time, noise and velocity target."""
+
+    x_t: Tensor  # (B, K, C) t * x1 + (1 - t) * eps
+    t: Tensor  # (B,) flow time
+    eps: Tensor  # (B, K, C) pooled noise
+    target: Tensor  # (B, K, C) velocity x1 - eps
 
 
 class RectifiedFlow:
@@ -72,12 +81,26 @@ class RectifiedFlow:
         Returns:
             dict(loss = size-weighted MSE (the training objective), mse = unweighted MSE), scalars.
         """
+        path = self.noisy(x1, gbar)
+        return self.velocity_loss(model(path.x_t, path.t, y, gbar, sizes), path.target, sizes)
+
+    def noisy(self, x1: Tensor, gbar: Tensor) -> NoisyBatch:
+        """Draw pooled noise and t for clean merged latents x1 (B, K, C); gbar (N, K) or (B, N, K).
+
+        Split from `training_losses` so a caller can run the model more than once on one draw
+        (e.g. on a detached and a non-detached x_t); gradients flow from x_t to x1.
+        """
         b, _, c = x1.shape
         eps = pooled_noise(b, gbar, c).to(x1)  # (B, K, C)
         t = self.sample_t(b, x1.device)  # (B,)
         tt = t[:, None, None].to(x1)
         x_t = tt * x1 + (1 - tt) * eps  # (B, K, C)
-        err = (model(x_t, t, y, gbar, sizes) - (x1 - eps)).float().pow(2)  # (B, K, C)
+        return NoisyBatch(x_t=x_t, t=t, eps=eps, target=x1 - eps)
+
+    @staticmethod
+    def velocity_loss(v: Tensor, target: Tensor, sizes: Tensor) -> dict[str, Tensor]:
+        """Size-weighted (loss) and plain (mse) velocity errors; v, target (B, K, C), sizes (K,) or (B, K)."""
+        err = (v - target).float().pow(2)  # (B, K, C)
         w = token_weights(sizes).to(err)  # (K,) or (B, K)
         w = w[None, :, None] if w.ndim == 1 else w[..., None]
         return {"loss": (w * err).mean(), "mse": err.mean()}

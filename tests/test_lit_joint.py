@@ -1,0 +1,231 @@
+"""Stage 3 (LitJoint): gradient routing of the three losses, the frozen pattern contract, the latent
+statistics, the pluggable alignment encoder, and fit / resume / export round trips on the tiny stages."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+from torch import nn
+
+from tests.conftest import ROOT
+from vlt.cli import main as vlt
+from vlt.lit import AlignEncoderSpec, JointSpec, LitDiT, LitJoint, LitTokenizer, MergeSpec
+from vlt.models.dit import DiTConfig
+from vlt.models.tokenizer import TokenizerConfig
+
+TOK = TokenizerConfig(width=32, heads=2, enc_depth=1, dec_depth=1)
+DIT = DiTConfig(width=32, depth=2, heads=2, class_dropout=0.1)
+
+
+def _joint(**kwargs) -> LitJoint:
+    """A random tiny system whose DiT buffers hold the merger's pattern and whose DiT is off its
+    zero init (adaLN-Zero closes every branch, which would hide parameters from the gradients)."""
+    torch.manual_seed(0)
+    model = LitJoint(
+        tokenizer=TOK, merge=MergeSpec(grid=[4, 8, 16, 32]), dit=DIT, ks=[4, 8, 16, 32],
+        joint=JointSpec(projector_hidden=32), **kwargs,
+    )  # fmt: skip
+    with torch.no_grad():
+        for p in model.dit.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+        for k, assign in model.merger.table().assign.items():
+            getattr(model, f"assign_{k}").copy_(assign)
+    model.target.copy_from(model.tokenizer) if hasattr(model.target, "copy_from") else None
+    return model.train()
+
+
+def _batch(b: int = 4) -> dict:
+    return {"image": torch.rand(b, 3, 32, 32) * 2 - 1, "label": torch.tensor([0, 1, -1, 3][:b])}
+
+
+def _grads(module: nn.Module) -> dict[str, float]:
+    return {
+        n: (0.0 if p.grad is None else p.grad.abs().sum().item())
+        for n, p in module.named_parameters()
+        if p.requires_grad
+    }
+
+
+@pytest.mark.parametrize("k", [4, 32])
+def test_diffusion_loss_gives_no_gradient_to_the_tokenizer(k):
+    model = _joint()
+    model.losses(_batch(), k, recon_k=8)["diffusion"].backward()
+    assert all(g == 0.0 for g in _grads(model.tokenizer).values())
+    assert sum(_grads(model.dit).values()) > 0
+
+
+def test_alignment_reaches_the_tokenizer_only_through_the_frozen_dit_pass():
+    model = _joint()
+    parts = model.losses(_batch(), 8, recon_k=8)
+    parts["align_tok"].backward(retain_graph=True)
+    encoder = ("patch_embed", "enc_pos", "slots", "encoder", "bottleneck")
+    grads = _grads(model.tokenizer)
+    assert all(g > 0 for n, g in grads.items() if n.startswith(encoder)), grads
+    assert all(g == 0.0 for n, g in grads.items() if not n.startswith(encoder)), grads  # decoder side
+    assert all(g == 0.0 for g in _grads(model.dit).values())
+    assert all(g == 0.0 for g in _grads(model.projector).values())
+    model.zero_grad(set_to_none=True)
+    parts["align_dit"].backward()
+    assert all(g == 0.0 for g in _grads(model.tokenizer).values())
+    assert sum(_grads(model.projector).values()) > 0 and sum(_grads(model.dit).values()) > 0
+    # The DiT parameters are trainable again after the frozen pass.
+    assert all(p.requires_grad for p in [*model.dit.parameters(), *model.projector.parameters()])
+
+
+def test_every_trainable_parameter_gets_a_gradient_and_frozen_parts_none():
+    model = _joint()
+    model.losses(_batch(), 16, recon_k=4)["loss"].backward()
+    missing = [n for n, g in _grads(model).items() if g == 0.0]
+    assert not missing
+    frozen = [n for n, p in model.named_parameters() if not p.requires_grad]
+    assert "merger.e" in frozen and all(n == "merger.e" or n.startswith("target.") for n in frozen)
+    assert all(p.grad is None for n, p in model.named_parameters() if n in frozen)
+    assert not model.target.training
+
+
+def test_the_merge_pattern_stays_the_contract():
+    model = _joint()
+    before = model.merger.table().assign
+    for _ in range(2):
+        model.losses(_batch(), 8, recon_k=4)["loss"].backward()
+        with torch.no_grad():
+            for p in model.parameters():
+                if p.grad is not None:
+                    p.sub_(0.1 * p.grad)
+    model.check_contract()
+    assert all(torch.equal(before[k], model.merger.table().assign[k]) for k in before)
+    other = int((model.assign_8 != model.assign_8[0]).nonzero()[0])
+    model.assign_8[[0, other]] = model.assign_8[[other, 0]]  # move two slots across clusters
+    with pytest.raises(ValueError, match="pattern mismatch at K=8"):
+        model.check_contract()
+
+
+def test_running_statistics_follow_the_batch_with_momentum():
+    model = _joint()
+    z = torch.randn(4, 32, 16) * 3 + 2
+    old = model.latent_mean.clone()
+    out = model.normalise(z)  # training: batch statistics
+    torch.testing.assert_close(out.mean((0, 1)), torch.zeros(16), atol=1e-5, rtol=0)
+    m = model.spec.bn_momentum
+    torch.testing.assert_close(model.latent_mean, (1 - m) * old + m * z.mean((0, 1)))
+    model.eval()
+    torch.testing.assert_close(model.normalise(z), (z - model.latent_mean) / model.latent_std)
+
+
+def test_optimizer_groups_carry_the_part_learning_rates():
+    from vlt.lit import PartLR
+
+    model = _joint(part_lr=PartLR(tokenizer=1e-5, dit=None, projector=1e-2))
+
+    class _Trainer:
+        max_steps = 10
+
+    model._trainer = _Trainer()  # configure_optimizers reads only max_steps
+    opt = model.configure_optimizers()["optimizer"]
+    lrs = {id(p): g["initial_lr"] for g in opt.param_groups for p in g["params"]}
+    assert lrs[id(model.tokenizer.patch_embed.weight)] == 1e-5
+    assert lrs[id(model.dit.x_embed.weight)] == model.optim_spec.lr
+    assert lrs[id(model.projector.net[0].weight)] == 1e-2
+    assert len(lrs) == sum(p.requires_grad for p in model.parameters())
+
+
+class _TinyEncoder(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(x)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 12, 8, stride=8)  # (B, 12, 4, 4) at 32x32
+
+
+def test_file_encoder_is_frozen_adapted_and_never_saved(tmp_path):
+    torch.manual_seed(0)
+    path = tmp_path / "encoder.pt"
+    torch.jit.save(torch.jit.script(_TinyEncoder()), str(path))
+    model = _joint(align_encoder=AlignEncoderSpec(kind="file", path=str(path), image_size=32))
+    assert model.target.width == 12
+    feats = model.target(_batch()["image"])
+    assert feats.shape == (4, 32, 12) and not feats.requires_grad
+    assert not any(key.startswith("target.") for key in model.state_dict())
+    model.losses(_batch(), 8, recon_k=8)["align_tok"].backward()
+    assert _grads(model.tokenizer)["patch_embed.weight"] > 0
+    with pytest.raises(ValueError, match="does not exist"):
+        _joint(align_encoder=AlignEncoderSpec(kind="file", path=str(tmp_path / "missing.pt")))
+    with pytest.raises(ValueError, match=r"align_encoder\.kind"):
+        _joint(align_encoder=AlignEncoderSpec(kind="dino"))  # type: ignore[arg-type]
+
+
+def test_stage1_encoder_is_a_frozen_copy():
+    model = _joint()
+    sd = model.state_dict()
+    assert torch.equal(sd["target.net.slots"], sd["tokenizer.slots"])
+    assert not any(p.requires_grad for p in model.target.parameters())
+    model.train()
+    assert not model.target.training
+
+
+# --- on the tiny trained stage checkpoints (session fixtures) ---
+TINY_JOINT = [
+    "--model.init_args.joint.projector_hidden=32",
+    "--trainer.max_steps=4",
+    "--trainer.val_check_interval=2",
+    "--trainer.log_every_n_steps=1",
+    "--data.init_args.batches_per_epoch=2",
+    "--data.init_args.batch_size=8",
+    "--data.init_args.val_batch_size=32",
+    "--data.init_args.num_workers=0",
+]
+
+
+@pytest.mark.slow
+def test_fit_resume_export_and_sample(tmp_path, tiny_shards, tiny_tokenizer, tiny_dit):
+    # Copies of the init checkpoints, deleted before reloading: a joint checkpoint needs neither.
+    tok_init, dit_init = tmp_path / "tok.ckpt", tmp_path / "dit.ckpt"
+    shutil.copy(tiny_tokenizer, tok_init)
+    shutil.copy(tiny_dit, dit_init)
+    runs = tiny_tokenizer.parents[2]  # shares the session's cached real FID statistics
+    args = [
+        "fit", "-c", str(ROOT / "conf/joint/tiny.yaml"), f"--runs_dir={runs}", "--name=joint",
+        f"--model.init_args.init_from_tokenizer={tok_init}", f"--model.init_args.init_from_dit={dit_init}",
+        f"--data.init_args.train={tiny_shards['train']}", f"--data.init_args.val={tiny_shards['val']}",
+        *TINY_JOINT,
+    ]  # fmt: skip
+    vlt(args)
+    run = runs / "joint"
+    curve = (run / "curves" / "budget.csv").read_text().splitlines()
+    assert "gfid_proxy" in curve[0] and "rfid_proxy" in curve[0] and "psnr" in curve[0]
+    assert {row.split(",")[0] for row in curve[1:]} >= {"0", "4"}  # before (at_fit_start) and after
+    tok_init.unlink()
+    dit_init.unlink()
+    ckpt = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    model = LitJoint.load_from_checkpoint(run / "checkpoints" / "last.ckpt", map_location="cpu")
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, ckpt["state_dict"][key]), key
+    assert any(key.startswith("target.") for key in ckpt["state_dict"])  # the frozen stage-1 copy
+    model.check_contract()
+
+    vlt([*args, "--trainer.max_steps=6", "--ckpt_path=last"])  # resume past the init files' removal
+    resumed = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert resumed["global_step"] == 6
+
+    export = run / "export"
+    tok = LitTokenizer.load_from_checkpoint(export / "tokenizer.ckpt", map_location="cpu")
+    dit = LitDiT.load_from_checkpoint(export / "dit.ckpt", map_location="cpu")
+    final = LitJoint.load_from_checkpoint(run / "checkpoints" / "last.ckpt", map_location="cpu")
+    for k in dit.ks:
+        assert torch.equal(getattr(dit, f"assign_{k}"), tok.merge_table().assign[k])
+    stored = torch.load(export / "tokenizer.ckpt", map_location="cpu", weights_only=False)["merge_table"]
+    assert sorted(int(k) for k in stored["assign"]) == dit.ks
+    assert not any("target" in key for key in dit.state_dict()) and not any(
+        key.startswith("target.") for key in tok.state_dict()
+    )
+    assert dit.hparams.tokenizer == str((export / "tokenizer.ckpt").resolve())
+    torch.testing.assert_close(dit.latent_std, final.latent_std)
+    torch.testing.assert_close(tok.tokenizer.patch_embed.weight, final.tokenizer.patch_embed.weight)
+
+    from vlt.sampling import sample
+
+    written = sample(dit=str(export / "dit.ckpt"), k=[4, 32], count=2, steps=2, out=str(tmp_path / "s"))
+    assert all(p.is_file() for p in written) and len(written) == 4
