@@ -234,9 +234,9 @@ def test_two_process_evaluation_matches_one_process(tmp_path, monkeypatch):
         assert np.allclose(a["mu"], b["mu"], atol=1e-6) and np.allclose(a["sigma"], b["sigma"], atol=1e-6)
 
 
-@pytest.mark.parametrize("objective", ["mse", "psnr"])
+@pytest.mark.parametrize("objective", ["mse", "neg_psnr"])
 def test_adaptive_rows_follow_the_oracle_allocation(tmp_path, objective):
-    rows = validate(tmp_path, "adaptive", devices=1, budgets=[8, 10], budget_objective=objective)
+    rows = validate(tmp_path, "adaptive", devices=1, budgets=[8, 10], budget_distortion=objective)
     images = Shapes().images[:16]  # the callback's num_images first val images
     torch.manual_seed(0)
     model = TinyAutoencoder().eval()  # the same weights validate() scored
@@ -285,5 +285,5 @@ def test_adaptive_generation_rows_and_a_before_curve(tmp_path):
 def test_budgets_outside_the_evaluated_ks_are_refused():
     with pytest.raises(ValueError, match="outside the evaluated K range"):
         TokenBudgetCallback(ks=[4, 16], budgets=[32])
-    with pytest.raises(ValueError, match="unknown allocation objective 'ssim'"):
-        TokenBudgetCallback(ks=[4, 16], budgets=[8], budget_objective="ssim")
+    with pytest.raises(ValueError, match="unknown allocation distortion 'ssim'"):
+        TokenBudgetCallback(ks=[4, 16], budgets=[8], budget_distortion="ssim")

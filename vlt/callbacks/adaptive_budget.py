@@ -10,7 +10,7 @@ on the evaluated images themselves); a learned predictor can only do worse.
 
 The objective decides who gets tokens. "mse" (D = squared error, classical rate-distortion) minimises
 the set's mean squared error, i.e. maximises `psnr_mse` = PSNR of the mean MSE, and gives tokens to
-busy images, whose error falls most in absolute terms. "psnr" (D = -PSNR) maximises the mean of
+busy images, whose error falls most in absolute terms. "neg_psnr" (D = -PSNR) maximises the mean of
 per-image PSNR in dB, and gives tokens to whichever images gain the most dB per token, which can be
 the simple ones (their error is small, so halving it is worth as many dB as for a busy image).
 
@@ -28,13 +28,13 @@ from torch import Tensor
 
 from vlt.adaptive.allocation import COSTS, allocate
 
-OBJECTIVES = ("mse", "psnr")
+DISTORTIONS = ("mse", "neg_psnr")
 
 
 def distortion(psnr: Tensor, objective: str) -> Tensor:
     """Per-image distortion curves from PSNR curves (dB): squared error in [0, 1] units, or -PSNR."""
-    if objective not in OBJECTIVES:
-        raise ValueError(f"unknown allocation objective {objective!r}; choose one of {OBJECTIVES}")
+    if objective not in DISTORTIONS:
+        raise ValueError(f"unknown allocation distortion {objective!r}; choose one of {DISTORTIONS}")
     return torch.pow(10.0, -psnr / 10) if objective == "mse" else -psnr
 
 
@@ -85,7 +85,7 @@ def reconstruction_rows(
     rows, scalars = [], {}
     for cost in callback.budget_costs:
         for budget in callback.budgets:
-            ks_all, lam = allocate(distortion(curves, callback.budget_objective), grid, budget, cost)  # (T,)
+            ks_all, lam = allocate(distortion(curves, callback.budget_distortion), grid, budget, cost)  # (T,)
             index = torch.searchsorted(torch.as_tensor(grid), ks_all)
             row = {**base, "k": budget, "mode": mode_name(cost), "budget": budget, "lambda": lam}
             row["tokens"] = float(ks_all.double().mean())

@@ -109,8 +109,8 @@ class TokenBudgetCallback(pl.Callback):
             `vlt.callbacks.adaptive_budget`); rows get mode "adaptive" (equal mean K) or
             "adaptive-k2" (equal mean K^2, the attention cost of a fixed K = budget).
         budget_costs: which equalities the reconstruction budgets use: "k", "k2" or both.
-        budget_objective: what the reconstruction allocation optimises: "mse" (the set's mean squared
-            error; busy images get the tokens) or "psnr" (mean per-image PSNR in dB).
+        budget_distortion: what the reconstruction allocation optimises: "mse" (the set's mean squared
+            error; busy images get the tokens) or "neg_psnr" (mean per-image PSNR in dB).
         at_fit_start: also evaluate before the first training step (a "before" curve).
     """
 
@@ -133,7 +133,7 @@ class TokenBudgetCallback(pl.Callback):
         seed: int = 0,
         budgets: list[float] | None = None,
         budget_costs: list[str] | None = None,
-        budget_objective: str = "mse",
+        budget_distortion: str = "mse",
         at_fit_start: bool = False,
     ) -> None:
         super().__init__()
@@ -151,8 +151,8 @@ class TokenBudgetCallback(pl.Callback):
         self.budgets = sorted(set(budgets or []))
         self.budget_costs = ["k", "k2"] if budget_costs is None else list(budget_costs)
         check_budgets(self.budgets, self.budget_costs, self.ks)
-        distortion(torch.zeros(1), budget_objective)  # validates the name
-        self.budget_objective = budget_objective
+        distortion(torch.zeros(1), budget_distortion)  # validates the name
+        self.budget_distortion = budget_distortion
         self.at_fit_start = at_fit_start
         self.every_n_epochs, self.every_n_steps, self.at_fit_end = every_n_epochs, every_n_steps, at_fit_end
         self.num_images, self.batch_size = num_images, batch_size
