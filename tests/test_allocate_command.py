@@ -153,3 +153,13 @@ def test_allocate_end_to_end_on_the_tiny_cache(tiny_latents, tmp_path):
     meta = check_allocation(cache, 8.0)
     assert meta["cost"] == "k2" and meta["mean_cost"]["train"] <= 8 + 1e-9
     assert "NaN" not in (cache / "allocation.json").read_text()
+
+
+def test_fixed_k_between_grid_levels_is_time_sharing():
+    from vlt.adaptive.command import fixed_at
+
+    psnr = {4: 10.0, 8: 12.0, 16: 13.0, 32: 14.0}
+    assert fixed_at(psnr, 8, "k") == 12.0
+    assert fixed_at(psnr, 6, "k") == pytest.approx(11.0)  # half the images at 4, half at 8
+    assert fixed_at(psnr, 6, "k2") == pytest.approx(10 + 2 * (36 - 16) / (64 - 16))  # mean K^2 = 36
+    assert fixed_at(psnr, 3, "k") == 10.0 and fixed_at(psnr, 40, "k") == 14.0
