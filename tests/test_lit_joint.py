@@ -197,23 +197,21 @@ def test_fit_resume_export_and_sample(tmp_path, tiny_shards, tiny_tokenizer, tin
     curve = (run / "curves" / "budget.csv").read_text().splitlines()
     assert "gfid_proxy" in curve[0] and "rfid_proxy" in curve[0] and "psnr" in curve[0]
     assert {row.split(",")[0] for row in curve[1:]} >= {"0", "4"}  # before (at_fit_start) and after
+    vlt([*args, "--trainer.max_steps=6", "--ckpt_path=last"])  # resume
+    last = run / "checkpoints" / "last.ckpt"
+    ckpt = torch.load(last, map_location="cpu", weights_only=False)
+    assert ckpt["global_step"] == 6
+    assert any(key.startswith("target.") for key in ckpt["state_dict"])  # the frozen stage-1 copy
     tok_init.unlink()
     dit_init.unlink()
-    ckpt = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
-    model = LitJoint.load_from_checkpoint(run / "checkpoints" / "last.ckpt", map_location="cpu")
-    for key, value in model.state_dict().items():
+    final = LitJoint.load_from_checkpoint(last, map_location="cpu")  # without the init files
+    for key, value in final.state_dict().items():
         assert torch.equal(value, ckpt["state_dict"][key]), key
-    assert any(key.startswith("target.") for key in ckpt["state_dict"])  # the frozen stage-1 copy
-    model.check_contract()
-
-    vlt([*args, "--trainer.max_steps=6", "--ckpt_path=last"])  # resume past the init files' removal
-    resumed = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
-    assert resumed["global_step"] == 6
+    final.check_contract()
 
     export = run / "export"
     tok = LitTokenizer.load_from_checkpoint(export / "tokenizer.ckpt", map_location="cpu")
     dit = LitDiT.load_from_checkpoint(export / "dit.ckpt", map_location="cpu")
-    final = LitJoint.load_from_checkpoint(run / "checkpoints" / "last.ckpt", map_location="cpu")
     for k in dit.ks:
         assert torch.equal(getattr(dit, f"assign_{k}"), tok.merge_table().assign[k])
     stored = torch.load(export / "tokenizer.ckpt", map_location="cpu", weights_only=False)["merge_table"]

@@ -254,8 +254,9 @@ class LitJoint(L.LightningModule):
         return self.optim_spec.build(groups, self.trainer.max_steps)
 
     def setup(self, stage: str) -> None:
-        """A new fit starts from the stage checkpoints; a resumed one (ckpt_path) is restored after this."""
-        if stage == "fit" and self.trainer.ckpt_path is None:
+        """Every fit starts from the stage checkpoints. Lightning restores a `--ckpt_path` after this
+        hook, so a resumed run ends with the joint checkpoint's weights (it still reads the init files)."""
+        if stage == "fit":
             init_weights(self)
 
     # --- validation: diffusion loss and PSNR per K ---
