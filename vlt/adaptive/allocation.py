@@ -13,7 +13,10 @@ Given each image's distortion curve D_i(K) over the grid:
 
 cost is "k" (tokens, storage) or "k2" (attention FLOPs grow with K^2): a budget is always written as
 an equivalent fixed K, so "k2" at budget 8 means mean K_i^2 = 64, the attention cost of K = 8.
-Distortion is anything where lower is better; vlt uses -PSNR (optimises the mean PSNR we report).
+Distortion is anything where lower is better; `to_distortion` turns PSNR curves into the two vlt
+uses: "mse" (squared error: optimal for the set's mean squared error; busy images get the tokens)
+and "neg_psnr" (-PSNR: optimal for the mean of per-image PSNR; whoever gains the most dB per token
+gets them, which on smooth synthetic images are the simple ones).
 """
 
 from __future__ import annotations
@@ -25,6 +28,16 @@ from torch import Tensor
 
 Cost = Literal["k", "k2"]
 COSTS: tuple[str, ...] = get_args(Cost)
+Distortion = Literal["neg_psnr", "mse"]
+DISTORTIONS: tuple[str, ...] = get_args(Distortion)
+
+
+def to_distortion(psnr: Tensor | float, kind: Distortion) -> Tensor:
+    """PSNR dB (any shape) -> distortion, lower is better: -PSNR or the MSE in [0, 1] pixel units."""
+    if kind not in DISTORTIONS:
+        raise ValueError(f"distortion={kind!r} is not supported; choose one of {DISTORTIONS}")
+    psnr = torch.as_tensor(psnr).double()
+    return -psnr if kind == "neg_psnr" else torch.pow(10.0, -psnr / 10)
 
 
 def cost_of(grid: list[int] | Tensor, cost: Cost = "k") -> Tensor:

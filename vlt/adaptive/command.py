@@ -32,7 +32,8 @@ from vlt.adaptive.store import save_allocation
 
 Rule = Literal["lagrangian", "threshold"]
 Source = Literal["search", "predictor"]
-Distortion = Literal["neg_psnr", "mse"]
+Distortion = A.Distortion
+to_distortion = A.to_distortion
 SPLITS = ("train", "val")
 
 
@@ -46,12 +47,6 @@ def _rho(a: np.ndarray, b: np.ndarray) -> float | None:
     if len(a) < 2 or np.all(a == a[0]) or np.all(b == b[0]):
         return None
     return float(spearmanr(a, b).statistic)
-
-
-def to_distortion(psnr, kind: Distortion) -> torch.Tensor:
-    """PSNR dB (S, G) -> distortion, lower is better: -PSNR or the MSE in [0, 1] pixel units."""
-    psnr = torch.as_tensor(psnr).double()
-    return -psnr if kind == "neg_psnr" else torch.pow(10.0, -psnr / 10)
 
 
 def _choose(d: torch.Tensor, grid: list[int], rule: Rule, lam, tau, cost: A.Cost, kind: Distortion):

@@ -26,16 +26,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from vlt.adaptive.allocation import COSTS, allocate
-
-DISTORTIONS = ("mse", "neg_psnr")
-
-
-def distortion(psnr: Tensor, objective: str) -> Tensor:
-    """Per-image distortion curves from PSNR curves (dB): squared error in [0, 1] units, or -PSNR."""
-    if objective not in DISTORTIONS:
-        raise ValueError(f"unknown allocation distortion {objective!r}; choose one of {DISTORTIONS}")
-    return torch.pow(10.0, -psnr / 10) if objective == "mse" else -psnr
+from vlt.adaptive.allocation import COSTS, allocate, to_distortion
 
 
 def psnr_of_mean_mse(psnr: Tensor) -> float:
@@ -85,7 +76,9 @@ def reconstruction_rows(
     rows, scalars = [], {}
     for cost in callback.budget_costs:
         for budget in callback.budgets:
-            ks_all, lam = allocate(distortion(curves, callback.budget_distortion), grid, budget, cost)  # (T,)
+            ks_all, lam = allocate(
+                to_distortion(curves, callback.budget_distortion), grid, budget, cost
+            )  # (T,)
             index = torch.searchsorted(torch.as_tensor(grid), ks_all)
             row = {**base, "k": budget, "mode": mode_name(cost), "budget": budget, "lambda": lam}
             row["tokens"] = float(ks_all.double().mean())

@@ -23,9 +23,9 @@ from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
+from vlt.adaptive.allocation import to_distortion
 from vlt.callbacks.adaptive_budget import (
     check_budgets,
-    distortion,
     generation_rows,
     reconstruction_rows,
 )
@@ -151,7 +151,7 @@ class TokenBudgetCallback(pl.Callback):
         self.budgets = sorted(set(budgets or []))
         self.budget_costs = ["k", "k2"] if budget_costs is None else list(budget_costs)
         check_budgets(self.budgets, self.budget_costs, self.ks)
-        distortion(torch.zeros(1), budget_distortion)  # validates the name
+        to_distortion(0.0, budget_distortion)  # validates the name
         self.budget_distortion = budget_distortion
         self.at_fit_start = at_fit_start
         self.every_n_epochs, self.every_n_steps, self.at_fit_end = every_n_epochs, every_n_steps, at_fit_end
