@@ -1,4 +1,4 @@
-"""Content-adaptive vs fixed K on the embedded data, end to end (tiny presets, CPU): `make experiment-adaptive`.
+"""Content-adaptive vs fixed K on the embedded data, end to end (tiny, CPU): `make experiment-adaptive`.
 
     .venv/bin/python scripts/experiment_adaptive.py [--out runs/experiment-adaptive] [--fresh]
 
@@ -9,7 +9,7 @@ target builds them when missing). Steps, each skipped when its output exists (--
 2. `vlt allocate` at mean budgets N/8, N/4, N/2 (equal mean K and equal mean K^2; search and the single-pass
    predictor): lambda solved on train, applied to val. Left at budget N/4, cost K, search for step 3.
 3. `vlt fit -c conf/dit/tiny-adaptive.yaml`: a DiT with K conditioning on K-bucketed batches.
-4. Token-budget evaluations (`TokenBudgetCallback`, the callback the configs use): stage 1 PSNR / rfid_proxy at
+4. Token-budget evaluations (`TokenBudgetCallback`, as in the configs): stage 1 PSNR / rfid_proxy at
    every K and at each budget (per-image oracle allocation on the evaluated images); stage 2 gfid_proxy of the
    fixed DiT at every K and of the adaptive DiT at each budget, with mean K and FLOPs per image.
 5. `results.md` (tables), `allocations.json`, and figures (`vlt curves`) in --out.
@@ -18,6 +18,7 @@ target builds them when missing). Steps, each skipped when its output exists (--
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import shutil
 import subprocess
@@ -40,19 +41,46 @@ def cache(tokenizer: str, latents: Path, fresh: bool) -> None:
         return
     for split in ("train", "val"):
         run(
-            ["cache-latents", "--tokenizer", tokenizer, "--shards", f"data/synthetic/shards/{split}-*.tar",
-             "--out", str(latents), "--split", split, "--overwrite", "true", "--distortion", "true"]
-        )  # fmt: skip
+            [
+                "cache-latents",
+                "--tokenizer",
+                tokenizer,
+                "--shards",
+                f"data/synthetic/shards/{split}-*.tar",
+                "--out",
+                str(latents),
+                "--split",
+                split,
+                "--overwrite",
+                "true",
+                "--distortion",
+                "true",
+            ]
+        )
 
 
-def allocations(latents: Path, budgets: list[int]) -> list[dict]:
-    """Allocate at every budget / cost / source; the last call (budget N/4, cost k, search) stays on disk."""
+def allocations(latents: Path, budgets: list[int], distortion: str) -> list[dict]:
+    """`vlt allocate` at every budget, cost, distortion and source; the run the DiT trains on comes last
+    (budget N/4, cost k, search, `distortion`) and stays on disk."""
+    plan = [(b, c, d, "search") for d in ("neg_psnr", "mse") for c in ("k", "k2") for b in budgets]
+    plan += [(b, "k", distortion, "predictor") for b in budgets]
+    plan.sort(key=lambda p: p == (budgets[1], "k", distortion, "search"))
     results = []
-    plan = [(b, c, s) for s in ("predictor", "search") for c in ("k2", "k") for b in budgets]
-    plan.sort(key=lambda p: p[0] == budgets[1] and p[1] == "k" and p[2] == "search")
-    for budget, cost, source in plan:
+    for budget, cost, dist, source in plan:
         run(
-            ["allocate", "--cache", str(latents), "--budget", str(budget), "--cost", cost, "--source", source]
+            [
+                "allocate",
+                "--cache",
+                str(latents),
+                "--budget",
+                str(budget),
+                "--cost",
+                cost,
+                "--distortion",
+                dist,
+                "--source",
+                source,
+            ]
         )
         results.append(json.loads((latents / "allocation.json").read_text()))
     return results
@@ -66,9 +94,15 @@ def train_adaptive_dit(latents: Path, tokenizer: str, runs_dir: Path, fresh: boo
     if fresh and ckpt.parent.parent.exists():
         shutil.rmtree(ckpt.parent.parent)
     run(
-        ["fit", "-c", "conf/dit/tiny-adaptive.yaml", f"--runs_dir={runs_dir}", f"--latents={latents}",
-         f"--model.init_args.tokenizer={tokenizer}"]
-    )  # fmt: skip
+        [
+            "fit",
+            "-c",
+            "conf/dit/tiny-adaptive.yaml",
+            f"--runs_dir={runs_dir}",
+            f"--latents={latents}",
+            f"--model.init_args.tokenizer={tokenizer}",
+        ]
+    )
     return ckpt
 
 
@@ -88,14 +122,20 @@ def evaluate(module, data, name: str, out: Path, **callback_args) -> list[dict]:
     if (out / name).exists():
         shutil.rmtree(out / name)
     trainer = L.Trainer(
-        accelerator="cpu", devices=1, logger=TensorBoardLogger(out, name=name, version=""), callbacks=[callback],
-        enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False, limit_val_batches=1,
-    )  # fmt: skip
+        accelerator="cpu",
+        devices=1,
+        logger=TensorBoardLogger(out, name=name, version=""),
+        callbacks=[callback],
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        limit_val_batches=1,
+    )
     trainer.validate(module, datamodule=data, verbose=False)
     return json.loads((out / name / "curves" / "budget_latest.json").read_text())["rows"]
 
 
-def stage1(tokenizer: str, budgets: list[int], grid: list[int], out: Path, num_images: int) -> list[dict]:
+def stage1(tokenizer: str, budgets: list[int], grid: list[int], out: Path, num_images: int, distortion: str):
     from vlt.data import WebDataModule
     from vlt.lit import LitTokenizer
 
@@ -104,9 +144,17 @@ def stage1(tokenizer: str, budgets: list[int], grid: list[int], out: Path, num_i
         val="data/synthetic/shards/val-*.tar", image_size=32, val_batch_size=256, num_workers=0
     )
     return evaluate(
-        model, data, "stage1", out, ks=grid, metrics=["psnr", "rfid"], budgets=budgets,
-        num_images=num_images, batch_size=256,
-    )  # fmt: skip
+        model,
+        data,
+        f"stage1-{distortion}",
+        out,
+        ks=grid,
+        metrics=["psnr", "rfid"],
+        budgets=budgets,
+        num_images=num_images,
+        batch_size=256,
+        budget_distortion=distortion,
+    )
 
 
 def stage2(
@@ -118,78 +166,105 @@ def stage2(
     model = LitDiT.load_from_checkpoint(str(ckpt), map_location="cpu")
     data = WebDataModule(kind="latents", val=str(latents / "val-*.tar"), val_batch_size=256, num_workers=0)
     return evaluate(
-        model, data, name, out, ks=ks, metrics=["gfid"], cfg_scales=[1.5], budgets=budgets,
-        num_images=256, batch_size=128, resolution=32,
-    )  # fmt: skip
+        model,
+        data,
+        name,
+        out,
+        ks=ks,
+        metrics=["gfid"],
+        cfg_scales=[1.5],
+        budgets=budgets,
+        num_images=256,
+        batch_size=128,
+        resolution=32,
+    )
 
 
 def fmt(x, spec: str = ".2f") -> str:
-    return "-" if x is None else format(float(x), spec)
+    return "-" if x is None or x == "" else format(float(x), spec)
 
 
-def report(
-    rows1: list[dict], allocs: list[dict], fixed_dit: list[dict], adaptive_dit: list[dict], budgets
-) -> str:
-    def row(rows, mode, k):
-        return next((r for r in rows if r.get("mode", "fixed") == mode and float(r["k"]) == float(k)), None)
+def find(rows: list[dict], mode: str, k: float) -> dict:
+    return next((r for r in rows if r.get("mode", "fixed") == mode and float(r["k"]) == float(k)), {})
 
-    lines = ["# Content-adaptive vs fixed K (tiny presets, embedded synthetic val)", ""]
-    lines += [
-        "## Stage 1: reconstruction (per-image oracle allocation on the evaluated images)",
+
+def metrics(row: dict) -> str:
+    return f"{fmt(row.get('psnr'))} / {fmt(row.get('psnr_mse'))} / {fmt(row.get('rfid_proxy'), '.1f')}"
+
+
+def stage1_table(rows: dict[str, list[dict]], budgets: list[int]) -> list[str]:
+    lines = [
+        "## Stage 1: reconstruction at equal mean K and equal mean K^2 (oracle allocation on the val images)",
         "",
-        "| budget K | fixed PSNR | adaptive PSNR (mean K) | adaptive @ equal K^2 PSNR (mean K, rms K) |"
-        " fixed rfid_proxy | adaptive rfid_proxy | adaptive @ K^2 rfid_proxy |",
-        "|---:|---:|---:|---:|---:|---:|---:|",
+        "PSNR = mean of per-image PSNR; pooled = PSNR of the mean squared error; rFID: proxy extractor.",
+        "",
+        "| distortion | budget | fixed K=budget: PSNR / pooled / rfid_proxy | adaptive, mean K = budget: "
+        "mean K: PSNR / pooled / rfid_proxy | adaptive, mean K^2 = budget^2: mean K, rms K: PSNR / pooled / "
+        "rfid_proxy |",
+        "|---|---:|---|---|---|",
     ]
-    for b in budgets:
-        f, a, a2 = row(rows1, "fixed", b), row(rows1, "adaptive", b), row(rows1, "adaptive-k2", b)
-        lines.append(
-            f"| {b} | {fmt(f['psnr'])} | {fmt(a['psnr'])} ({fmt(a['tokens'])}) | {fmt(a2['psnr'])} "
-            f"({fmt(a2['tokens'])}, {fmt(a2['k_rms'])}) | {fmt(f['rfid_proxy'], '.1f')} | "
-            f"{fmt(a['rfid_proxy'], '.1f')} | {fmt(a2['rfid_proxy'], '.1f')} |"
-        )
-    lines += [
-        "",
+    for distortion, table in rows.items():
+        for b in budgets:
+            f, a, a2 = find(table, "fixed", b), find(table, "adaptive", b), find(table, "adaptive-k2", b)
+            metrics = lambda r: (
+                f"{fmt(r.get('psnr'))} / {fmt(r.get('psnr_mse'))} / {fmt(r.get('rfid_proxy'), '.1f')}"
+            )
+            lines.append(
+                f"| {distortion} | {b} | {metrics(f)} | {fmt(a.get('tokens'))}: {metrics(a)} | "
+                f"{fmt(a2.get('tokens'))}, {fmt(a2.get('k_rms'))}: {metrics(a2)} |"
+            )
+    return lines
+
+
+def _val(allocation: dict, key: str):
+    return (allocation.get(key) or {}).get("val")
+
+
+def allocate_table(allocs: list[dict]) -> list[str]:
+    lines = [
         "## Stage 1: `vlt allocate` (lambda solved on train, applied to val)",
         "",
-        "| source | cost | budget | achieved mean K (val) | val PSNR adaptive | val PSNR fixed K=budget | gain dB |"
-        " Spearman(K, complexity) | Spearman(K, PNG bytes) |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| source | distortion | cost | budget | val mean K (rms K) | val PSNR adaptive / fixed at the "
+        "achieved "
+        "mean cost | pooled adaptive / fixed K=budget | Spearman K vs complexity, PNG bytes |",
+        "|---|---|---|---:|---:|---|---|---|",
     ]
     for a in allocs:
-        fixed = a.get("fixed_psnr", {}).get("val", {}).get(str(int(a["budget"])))
-        adaptive = a.get("psnr", {}).get("val")
-        gain = None if fixed is None or adaptive is None else adaptive - fixed
-        rho = a.get("spearman", {}).get("val", {})
+        val = functools.partial(_val, a)
+        b = int(a["budget"])
+        rho = val("spearman") or {}
+        rms = (a.get("mean_cost") or {}).get("val") if a["cost"] == "k2" else None
         lines.append(
-            f"| {a.get('source')} | {a.get('cost')} | {a['budget']:g} | {fmt(a.get('mean_k', {}).get('val'))} | "
-            f"{fmt(adaptive)} | {fmt(fixed)} | {fmt(gain, '+.2f')} | {fmt(rho.get('complexity'), '.3f')} | "
-            f"{fmt(rho.get('png_bytes'), '.3f')} |"
+            f"| {a['source']} | {a['distortion']} | {a['cost']} | {b} | {fmt(val('mean_k'))}"
+            f"{f' ({fmt(rms)})' if rms else ''} | {fmt(val('psnr'))} / {fmt(val('fixed_at_achieved'))} | "
+            f"{fmt(val('pooled_psnr'))} / {fmt((val('fixed_pooled_psnr') or {}).get(str(b)))} | "
+            f"{fmt(rho.get('complexity'), '.2f')}, {fmt(rho.get('png_bytes'), '.2f')} |"
         )
-    predictor = [a for a in allocs if a.get("source") == "predictor" and a.get("predictor")]
-    if predictor:
-        lines += ["", "Single-pass predictor vs search (val): " + "; ".join(
-            f"budget {a['budget']:g} {a['cost']}: " + ", ".join(f"{k} {fmt(v, '.3f')}" for k, v in a["predictor"].items()
-                                                                if isinstance(v, (int, float)))
-            for a in predictor
-        )]  # fmt: skip
-    lines += [
+    predictor = [a for a in allocs if a["source"] == "predictor" and a.get("predictor")]
+    for a in predictor:
+        numbers = ", ".join(f"{k} {fmt(v, '.3f')}" for k, v in a["predictor"].items() if isinstance(v, float))
+        lines.append(f"\nPredictor at budget {a['budget']:g} ({a['distortion']}): {numbers}")
+    return lines
+
+
+def stage2_table(fixed: list[dict], adaptive: list[dict], budgets: list[int]) -> list[str]:
+    lines = [
+        "## Stage 2: generation (gfid_proxy at w = 1.5, 256 samples; GFLOPs per image incl. the decode)",
         "",
-        "## Stage 2: generation (gfid_proxy, w = 1.5, 256 samples; GFLOPs per image incl. decode)",
-        "",
-        "| budget K | fixed DiT at K=budget: gfid_proxy (GFLOPs) | adaptive DiT: gfid_proxy (mean K, rms K, GFLOPs) |",
-        "|---:|---:|---:|",
+        "| budget | fixed-K DiT at K = budget: gfid_proxy (GFLOPs) | adaptive DiT, K_i ~ p(K class) tilted "
+        "to the "
+        "budget: gfid_proxy (mean K, rms K, GFLOPs) | adaptive DiT at fixed K = budget: gfid_proxy |",
+        "|---:|---|---|---|",
     ]
+    gfid = lambda r: next((r[c] for c in r if c.startswith("gfid")), None)
     for b in budgets:
-        f, a = row(fixed_dit, "fixed", b), row(adaptive_dit, "adaptive", b)
-        fcol = next((c for c in (f or {}) if c.startswith("gfid")), None)
-        acol = next((c for c in (a or {}) if c.startswith("gfid")), None)
+        f, a, af = find(fixed, "fixed", b), find(adaptive, "adaptive", b), find(adaptive, "fixed", b)
         lines.append(
-            f"| {b} | {fmt(f and f[fcol], '.1f')} ({fmt(f and float(f['flops']) / 1e9, '.2f')}) | "
-            f"{fmt(a and a[acol], '.1f')} ({fmt(a and a['tokens'])}, {fmt(a and a['k_rms'])}, "
-            f"{fmt(a and float(a['flops']) / 1e9, '.2f')}) |"
+            f"| {b} | {fmt(gfid(f), '.1f')} ({fmt(float(f['flops']) / 1e9 if f else None)}) | "
+            f"{fmt(gfid(a), '.1f')} ({fmt(a.get('tokens'))}, {fmt(a.get('k_rms'))}, "
+            f"{fmt(float(a['flops']) / 1e9 if a else None)}) | {fmt(gfid(af), '.1f')} |"
         )
-    return "\n".join(lines) + "\n"
+    return lines
 
 
 def main() -> None:
@@ -201,7 +276,10 @@ def main() -> None:
     parser.add_argument("--latents", default="data/latents/tokenizer-tiny-adaptive")
     parser.add_argument("--runs_dir", default="runs")
     parser.add_argument("--out", default="runs/experiment-adaptive")
-    parser.add_argument("--num_images", type=int, default=1000, help="stage-1 evaluation images")
+    parser.add_argument("--num_images", type=int, default=512, help="stage-1 evaluation images (val has 512)")
+    parser.add_argument(
+        "--distortion", default="mse", choices=["mse", "neg_psnr"], help="what the DiT's allocation minimises"
+    )
     parser.add_argument("--fresh", action="store_true", help="redo every step")
     args = parser.parse_args()
     for path in (args.tokenizer, args.dit):
@@ -216,15 +294,18 @@ def main() -> None:
     grid = MergeTable.load(latents / "merge_table.json").ks
     n = grid[-1]
     budgets = [n // 8, n // 4, n // 2]
-    allocs = allocations(latents, budgets)
+    allocs = allocations(latents, budgets, args.distortion)
     (out / "allocations.json").write_text(json.dumps(allocs, indent=1))
     adaptive_ckpt = train_adaptive_dit(latents, args.tokenizer, runs_dir, args.fresh)
-    rows1 = stage1(args.tokenizer, budgets, grid, out, args.num_images)
+    rows1 = {d: stage1(args.tokenizer, budgets, grid, out, args.num_images, d) for d in ("neg_psnr", "mse")}
     fixed_dit = stage2(ROOT / args.dit, latents, None, "stage2-fixed", out, grid)
     adaptive_dit = stage2(adaptive_ckpt, latents, budgets, "stage2-adaptive", out, grid)
-    table = report(rows1, allocs, fixed_dit, adaptive_dit, budgets)
+    lines = ["# Content-adaptive vs fixed K (tiny presets, embedded synthetic val)", ""]
+    lines += [*stage1_table(rows1, budgets), "", *allocate_table(allocs), ""]
+    lines += stage2_table(fixed_dit, adaptive_dit, budgets)
+    table = "\n".join(lines) + "\n"
     (out / "results.md").write_text(table)
-    run(["curves", str(out / "stage1"), "--out", str(out / "stage1_psnr.png"), "--metric", "psnr"])
+    run(["curves", str(out / "stage1-mse"), "--out", str(out / "stage1_psnr.png"), "--metric", "psnr_mse"])
     run(
         [
             "curves",
