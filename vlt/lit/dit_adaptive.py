@@ -94,6 +94,9 @@ class AdaptiveK:
             p = torch.full((len(labels), len(grid)), 1.0 / len(grid), dtype=torch.float64)  # (B, G)
         if budget is not None:
             p, _ = tilt_to_budget(p, grid, float(budget))
+        if generator is not None and generator.device.type != "cpu":  # draws run on the CPU
+            seed = torch.randint(2**62, (1,), generator=generator, device=generator.device)
+            generator = torch.Generator().manual_seed(int(seed))
         return draw(p, grid, generator)
 
     @torch.no_grad()
