@@ -193,7 +193,10 @@ class LitJoint(L.LightningModule):
         return (self.latent_var + 1e-6).sqrt()
 
     def normalise(self, z: Tensor) -> Tensor:
-        """(B, N, C) -> per-channel standardised; training uses (and tracks) batch statistics."""
+        """(B, N, C) -> per-channel standardised; training uses (and tracks) batch statistics.
+
+        The statistics are per rank under DDP (BatchNorm without sync): each rank's batch is large
+        (B x N latents per channel) and the checkpoint keeps rank zero's running values."""
         if not self.training:
             return (z - self.latent_mean) / self.latent_std
         zd = z.detach().float()
