@@ -164,7 +164,15 @@ def stage2(
     from vlt.lit import LitDiT
 
     model = LitDiT.load_from_checkpoint(str(ckpt), map_location="cpu")
-    data = WebDataModule(kind="latents", val=str(latents / "val-*.tar"), val_batch_size=256, num_workers=0)
+    # The same allocation as the model (Lightning refuses differing hparams of the same name).
+    allocation = model.hparams.get("allocation")
+    data = WebDataModule(
+        kind="latents",
+        val=str(latents / "val-*.tar"),
+        val_batch_size=256,
+        num_workers=0,
+        allocation=allocation,
+    )
     return evaluate(
         model,
         data,
@@ -294,8 +302,13 @@ def main() -> None:
     grid = MergeTable.load(latents / "merge_table.json").ks
     n = grid[-1]
     budgets = [n // 8, n // 4, n // 2]
-    allocs = allocations(latents, budgets, args.distortion)
-    (out / "allocations.json").write_text(json.dumps(allocs, indent=1))
+    done = out / "allocations.json"
+    if done.exists() and not args.fresh:
+        allocs = json.loads(done.read_text())
+        print(f"allocations found: {done} (the DiT's allocation is the last one, on disk in {latents})")
+    else:
+        allocs = allocations(latents, budgets, args.distortion)
+        done.write_text(json.dumps(allocs, indent=1))
     adaptive_ckpt = train_adaptive_dit(latents, args.tokenizer, runs_dir, args.fresh)
     rows1 = {d: stage1(args.tokenizer, budgets, grid, out, args.num_images, d) for d in ("neg_psnr", "mse")}
     fixed_dit = stage2(ROOT / args.dit, latents, None, "stage2-fixed", out, grid)
