@@ -158,8 +158,10 @@ def stage1(tokenizer: str, budgets: list[int], grid: list[int], out: Path, num_i
 
 
 def stage2(
-    ckpt: Path, latents: Path, budgets: list[int] | None, name: str, out: Path, ks: list[int]
-) -> list[dict]:
+    ckpt: Path, latents: Path, budgets: list[int] | None, name: str, out: Path, ks: list[int], seeds: int
+) -> list[list[dict]]:
+    """gfid_proxy rows of one DiT for each noise seed (the proxy FID of a few hundred samples moves by
+    several points between seeds, so the table reports mean and spread)."""
     from vlt.data import WebDataModule
     from vlt.lit import LitDiT
 
@@ -169,23 +171,27 @@ def stage2(
     data = WebDataModule(
         kind="latents",
         val=str(latents / "val-*.tar"),
-        val_batch_size=256,
+        val_batch_size=512,
         num_workers=0,
         allocation=allocation,
     )
-    return evaluate(
-        model,
-        data,
-        name,
-        out,
-        ks=ks,
-        metrics=["gfid"],
-        cfg_scales=[1.5],
-        budgets=budgets,
-        num_images=256,
-        batch_size=128,
-        resolution=32,
-    )
+    return [
+        evaluate(
+            model,
+            data,
+            f"{name}-seed{seed}",
+            out,
+            ks=ks,
+            metrics=["gfid"],
+            cfg_scales=[1.5],
+            budgets=budgets,
+            num_images=512,
+            batch_size=128,
+            resolution=32,
+            seed=seed,
+        )
+        for seed in range(seeds)
+    ]
 
 
 def fmt(x, spec: str = ".2f") -> str:
@@ -255,22 +261,34 @@ def allocate_table(allocs: list[dict]) -> list[str]:
     return lines
 
 
-def stage2_table(fixed: list[dict], adaptive: list[dict], budgets: list[int]) -> list[str]:
+def spread(runs: list[list[dict]], mode: str, k: int) -> tuple[str, dict]:
+    """'mean ± std' of gfid_proxy over seeds at (mode, k), and the first seed's row (tokens, FLOPs)."""
+    rows = [find(rows, mode, k) for rows in runs]
+    values = [next(v for c, v in r.items() if c.startswith("gfid")) for r in rows if r]
+    if not values:
+        return "-", {}
+    mean = sum(values) / len(values)
+    std = (sum((v - mean) ** 2 for v in values) / max(len(values) - 1, 1)) ** 0.5
+    return f"{mean:.1f} ± {std:.1f}", rows[0]
+
+
+def stage2_table(fixed: list[list[dict]], adaptive: list[list[dict]], budgets: list[int]) -> list[str]:
     lines = [
-        "## Stage 2: generation (gfid_proxy at w = 1.5, 256 samples; GFLOPs per image incl. the decode)",
+        f"## Stage 2: generation (gfid_proxy, w = 1.5, 512 samples, mean ± std over {len(fixed)} noise "
+        "seeds; GFLOPs per image incl. the decode)",
         "",
         "| budget | fixed-K DiT at K = budget: gfid_proxy (GFLOPs) | adaptive DiT, K_i ~ p(K class) tilted "
-        "to the "
-        "budget: gfid_proxy (mean K, rms K, GFLOPs) | adaptive DiT at fixed K = budget: gfid_proxy |",
+        "to the budget: gfid_proxy (mean K, rms K, GFLOPs) | adaptive DiT at fixed K = budget |",
         "|---:|---|---|---|",
     ]
-    gfid = lambda r: next((r[c] for c in r if c.startswith("gfid")), None)
     for b in budgets:
-        f, a, af = find(fixed, "fixed", b), find(adaptive, "adaptive", b), find(adaptive, "fixed", b)
+        (f, frow), (a, arow), (af, _) = (
+            spread(fixed, "fixed", b), spread(adaptive, "adaptive", b), spread(adaptive, "fixed", b)
+        )  # fmt: skip
+        gflops = lambda row: fmt(float(row["flops"]) / 1e9 if row else None)
         lines.append(
-            f"| {b} | {fmt(gfid(f), '.1f')} ({fmt(float(f['flops']) / 1e9 if f else None)}) | "
-            f"{fmt(gfid(a), '.1f')} ({fmt(a.get('tokens'))}, {fmt(a.get('k_rms'))}, "
-            f"{fmt(float(a['flops']) / 1e9 if a else None)}) | {fmt(gfid(af), '.1f')} |"
+            f"| {b} | {f} ({gflops(frow)}) | {a} ({fmt(arow.get('tokens'))}, {fmt(arow.get('k_rms'))}, "
+            f"{gflops(arow)}) | {af} |"
         )
     return lines
 
@@ -288,6 +306,7 @@ def main() -> None:
     parser.add_argument(
         "--distortion", default="mse", choices=["mse", "neg_psnr"], help="what the DiT's allocation minimises"
     )
+    parser.add_argument("--seeds", type=int, default=3, help="noise seeds of the stage-2 evaluations")
     parser.add_argument("--fresh", action="store_true", help="redo every step")
     args = parser.parse_args()
     for path in (args.tokenizer, args.dit):
@@ -311,8 +330,8 @@ def main() -> None:
         done.write_text(json.dumps(allocs, indent=1))
     adaptive_ckpt = train_adaptive_dit(latents, args.tokenizer, runs_dir, args.fresh)
     rows1 = {d: stage1(args.tokenizer, budgets, grid, out, args.num_images, d) for d in ("neg_psnr", "mse")}
-    fixed_dit = stage2(ROOT / args.dit, latents, None, "stage2-fixed", out, grid)
-    adaptive_dit = stage2(adaptive_ckpt, latents, budgets, "stage2-adaptive", out, grid)
+    fixed_dit = stage2(ROOT / args.dit, latents, None, "stage2-fixed", out, grid, args.seeds)
+    adaptive_dit = stage2(adaptive_ckpt, latents, budgets, "stage2-adaptive", out, grid, args.seeds)
     lines = ["# Content-adaptive vs fixed K (tiny presets, embedded synthetic val)", ""]
     lines += [*stage1_table(rows1, budgets), "", *allocate_table(allocs), ""]
     lines += stage2_table(fixed_dit, adaptive_dit, budgets)
