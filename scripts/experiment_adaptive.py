@@ -341,8 +341,8 @@ def main() -> None:
     run(
         [
             "curves",
-            str(out / "stage2-fixed"),
-            str(out / "stage2-adaptive"),
+            str(out / "stage2-fixed-seed0"),
+            str(out / "stage2-adaptive-seed0"),
             "--out",
             str(out / "stage2_gfid.png"),
         ]
