@@ -49,6 +49,8 @@ DIT ?= runs/dit-tiny/checkpoints/last.ckpt
 #: ADAPTIVE   latent cache with per-image PSNR curves (content-adaptive mode); BUDGET: its mean K
 ADAPTIVE ?= data/latents/tokenizer-tiny-adaptive
 BUDGET ?= 8
+#: DISTORTION what the allocation minimises: mse (busy images get the tokens) or neg_psnr (mean dB)
+DISTORTION ?= mse
 
 .PHONY: help install data test test-fast lint format tensorboard clean train-tokenizer train-dit cache-latents sample \
 	allocate train-dit-adaptive experiment-adaptive finetune
@@ -104,14 +106,15 @@ $(ADAPTIVE)/done-train-r0.json: $(TOKENIZER) $(SYNTHETIC) | $(STAMP)
 	$(BIN)/vlt cache-latents --tokenizer $(TOKENIZER) --shards 'data/synthetic/shards/val-*.tar' --out $(ADAPTIVE) --split val --overwrite true --distortion true
 
 allocate: $(ADAPTIVE)/done-train-r0.json ## per-image K_i at mean budget BUDGET over ADAPTIVE (vlt allocate; ARGS for rule/cost)
-	$(BIN)/vlt allocate --cache $(ADAPTIVE) --budget $(BUDGET) $(ARGS)
+	$(BIN)/vlt allocate --cache $(ADAPTIVE) --budget $(BUDGET) --distortion $(DISTORTION) $(ARGS)
 
 train-dit-adaptive: $(STAMP) $(ADAPTIVE)/done-train-r0.json ## stage 2, adaptive: K-conditioned DiT on K-bucketed batches
-	test -f $(ADAPTIVE)/allocation.json || $(BIN)/vlt allocate --cache $(ADAPTIVE) --budget $(BUDGET)
+	test -f $(ADAPTIVE)/allocation.json || $(BIN)/vlt allocate --cache $(ADAPTIVE) --budget $(BUDGET) --distortion $(DISTORTION)
 	$(call launch,fit -c $(or $(CONFIG),conf/dit/tiny-adaptive.yaml) --latents=$(ADAPTIVE) --model.init_args.tokenizer=$(TOKENIZER))
 
 experiment-adaptive: $(STAMP) $(TOKENIZER) $(DIT) ## adaptive vs fixed K, stages 1+2, tables + figures (CPU, ~30 min)
-	$(BIN)/python scripts/experiment_adaptive.py --tokenizer $(TOKENIZER) --dit $(DIT) --latents $(ADAPTIVE) $(ARGS)
+	$(BIN)/python scripts/experiment_adaptive.py --tokenizer $(TOKENIZER) --dit $(DIT) --latents $(ADAPTIVE) \
+		--distortion $(DISTORTION) $(ARGS)
 
 finetune: $(STAMP) $(TOKENIZER) $(DIT) ## stage 3: joint fine-tune of TOKENIZER + DIT (CONFIG=conf/joint/tiny.yaml)
 	$(call launch,fit -c $(or $(CONFIG),conf/joint/tiny.yaml) --model.init_args.init_from_tokenizer=$(TOKENIZER) --model.init_args.init_from_dit=$(DIT))
