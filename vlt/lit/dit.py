@@ -51,7 +51,34 @@ def paper_cycle(n: int) -> list[int]:
     return [n // 2] * 4 + [n // 4] * 2 + [n // 8]
 
 
-class LitDiT(AdaptiveK, L.LightningModule):
+class PatternBuffers:
+    """The global merge pattern as buffers `assign_<K>` over `self.ks`, so a checkpoint carries it.
+
+    Mixed into the modules that merge with a fixed pattern (stage 2 `LitDiT`, stage 3 `LitJoint`);
+    they set `self.ks` and own `self.dit` (for N).
+    """
+
+    def register_pattern(self, n: int, ks: list[int], table: MergeTable | None = None) -> None:
+        """One buffer per K: the table's assignment, or contiguous groups until real weights load."""
+        for k in ks:
+            assign = table.assign[k] if table and k in table.assign else torch.arange(n) * k // n
+            self.register_buffer(f"assign_{k}", assign.clone().long())
+
+    def table(self) -> MergeTable:
+        """The pattern over `ks` as a MergeTable (on the CPU)."""
+        return MergeTable(
+            n=self.dit.cfg.n_slots, assign={k: getattr(self, f"assign_{k}").cpu() for k in self.ks}
+        )
+
+    def pattern(self, k: int) -> tuple[Tensor, Tensor]:
+        """Gbar (N, K) and sizes (K,) of level K on this module's device."""
+        if k not in self.ks:
+            raise ValueError(f"K={k} is not served by this DiT; choose one of {self.ks}")
+        gamma = one_hot(getattr(self, f"assign_{k}"), k)  # (N, K)
+        return column_normalise(gamma), gamma.sum(0)
+
+
+class LitDiT(PatternBuffers, AdaptiveK, L.LightningModule):
     """DiT + rectified flow over the tokenizer's merged latents.
 
     Args:
@@ -112,11 +139,8 @@ class LitDiT(AdaptiveK, L.LightningModule):
         )
         self.ks = ks
         self.k_cycle = k_cycle or [k for k in paper_cycle(dit.n_slots) if k in ks] or ks
-        n = dit.n_slots
         # The global pattern per K and the latent statistics travel inside every checkpoint.
-        for k in ks:
-            assign = table.assign[k] if table and k in table.assign else torch.arange(n) * k // n
-            self.register_buffer(f"assign_{k}", assign.clone().long())
+        self.register_pattern(dit.n_slots, ks, table)
         mean, std = (
             latent_stats(cache)
             if cache and _has_stats(cache)
@@ -139,18 +163,6 @@ class LitDiT(AdaptiveK, L.LightningModule):
         self._decoder: list = []  # the tokenizer, loaded lazily; a list keeps it out of state_dict
 
     # --- the merge pattern and the normalisation ---
-    def table(self) -> MergeTable:
-        return MergeTable(
-            n=self.dit.cfg.n_slots, assign={k: getattr(self, f"assign_{k}").cpu() for k in self.ks}
-        )
-
-    def pattern(self, k: int) -> tuple[Tensor, Tensor]:
-        """Gbar (N, K) and sizes (K,) of level K on this module's device."""
-        if k not in self.ks:
-            raise ValueError(f"K={k} is not served by this DiT; choose one of {self.ks}")
-        gamma = one_hot(getattr(self, f"assign_{k}"), k)  # (N, K)
-        return column_normalise(gamma), gamma.sum(0)
-
     def normalise(self, z: Tensor) -> Tensor:
         return (z - self.latent_mean) / self.latent_std
 

@@ -28,13 +28,13 @@ import torch
 from torch import Tensor, nn
 from torchmetrics import MeanMetric
 
-from vlt.lit.dit import FlowSpec
+from vlt.lit.dit import FlowSpec, PatternBuffers
 from vlt.lit.joint_io import export_stages, init_weights, read_hparams
 from vlt.lit.specs import LossSpec, MergeSpec, OptimSpec, allow_in_checkpoints, param_groups
 from vlt.metrics.rate import transformer_flops
 from vlt.models.align import FileFeatures, Projector, SlotFeatures, alignment_loss, frozen_params
 from vlt.models.dit import DiT, DiTConfig
-from vlt.models.merge_ops import MergeTable, column_normalise, merge, one_hot, unmerge
+from vlt.models.merge_ops import column_normalise, merge, one_hot, unmerge
 from vlt.models.merging import Merger
 from vlt.models.tokenizer import Tokenizer, TokenizerConfig
 from vlt.objectives.flow import RectifiedFlow
@@ -85,7 +85,7 @@ class AlignEncoderSpec:
 allow_in_checkpoints(JointSpec, PartLR, AlignEncoderSpec, TokenizerConfig, DiTConfig, FlowSpec)
 
 
-class LitJoint(L.LightningModule):
+class LitJoint(PatternBuffers, L.LightningModule):
     """Tokenizer + frozen merger + DiT + projector, fine-tuned together on image batches.
 
     Args:
@@ -155,9 +155,7 @@ class LitJoint(L.LightningModule):
                 image_size=align_encoder.image_size, probe_size=tokenizer.image_size,
             )  # fmt: skip
         self.projector = Projector(width=dit.width, hidden=joint.projector_hidden, out=self.target.width)
-        n = dit.n_slots
-        for k in ks:  # placeholders until the stage-2 weights (or a joint checkpoint) are loaded
-            self.register_buffer(f"assign_{k}", torch.arange(n) * k // n)
+        self.register_pattern(dit.n_slots, ks)  # placeholders until stage-2 (or joint) weights load
         self.register_buffer("latent_mean", torch.zeros(dit.channels))
         self.register_buffer("latent_var", torch.ones(dit.channels))
         self._ddp_params_and_buffers_to_ignore = [name for name, _ in self.named_buffers()]
@@ -165,11 +163,6 @@ class LitJoint(L.LightningModule):
         self.val_psnr = nn.ModuleDict({str(k): MeanMetric() for k in ks})
 
     # --- the pattern contract and the latent normalisation ---
-    def table(self) -> MergeTable:
-        """The DiT's global pattern (its assign buffers) over `ks`."""
-        n = self.dit.cfg.n_slots
-        return MergeTable(n=n, assign={k: getattr(self, f"assign_{k}").cpu() for k in self.ks})
-
     def check_contract(self) -> None:
         """The frozen merger's eval pattern must equal the DiT's assign buffers at every shared K."""
         for k in self.ks:
@@ -180,13 +173,6 @@ class LitJoint(L.LightningModule):
                     f"merge pattern mismatch at K={k} between the tokenizer and the DiT: the stage-2 "
                     "checkpoint was trained on another tokenizer's latents"
                 )
-
-    def pattern(self, k: int) -> tuple[Tensor, Tensor]:
-        """Gbar (N, K) and sizes (K,) of level K on this module's device."""
-        if k not in self.ks:
-            raise ValueError(f"K={k} is not served by this DiT; choose one of {self.ks}")
-        gamma = one_hot(getattr(self, f"assign_{k}"), k)  # (N, K)
-        return column_normalise(gamma), gamma.sum(0)
 
     @property
     def latent_std(self) -> Tensor:

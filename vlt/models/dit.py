@@ -165,9 +165,7 @@ class DiT(nn.Module):
             (B, K, C) velocity.
         """
         h, c, bias = self._embed(x, t, y, gbar, sizes, force_drop_ids)
-        for block in self.blocks:
-            h = block(h, c, bias)  # (B, K, D)
-        return self.final(h, c)  # (B, K, C)
+        return self.final(self._through(self.blocks, h, c, bias), c)  # (B, K, C)
 
     def forward_hidden(
         self,
@@ -184,11 +182,8 @@ class DiT(nn.Module):
         the DiT side of a representation-alignment loss. Arguments as in `forward`."""
         self._check_depth(depth)
         h, c, bias = self._embed(x, t, y, gbar, sizes, force_drop_ids)
-        hidden = h
-        for i, block in enumerate(self.blocks):
-            h = block(h, c, bias)  # (B, K, D)
-            if i + 1 == depth:
-                hidden = h
+        hidden = self._through(self.blocks[:depth], h, c, bias)  # (B, K, D)
+        h = self._through(self.blocks[depth:], hidden, c, bias)  # (B, K, D)
         return DiTOutput(velocity=self.final(h, c), hidden=hidden)
 
     def hidden_states(
@@ -205,7 +200,12 @@ class DiT(nn.Module):
         """(B, K, D) hidden tokens after block `depth`, running only the first `depth` blocks."""
         self._check_depth(depth)
         h, c, bias = self._embed(x, t, y, gbar, sizes, force_drop_ids)
-        for block in self.blocks[:depth]:
+        return self._through(self.blocks[:depth], h, c, bias)
+
+    @staticmethod
+    def _through(blocks: nn.ModuleList, h: Tensor, c: Tensor, bias: Tensor | None) -> Tensor:
+        """Run tokens h (B, K, D) through `blocks` with conditioning c (B, D)."""
+        for block in blocks:
             h = block(h, c, bias)  # (B, K, D)
         return h
 
