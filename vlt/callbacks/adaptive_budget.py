@@ -27,6 +27,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from vlt.adaptive.allocation import COSTS, allocate, to_distortion
+from vlt.metrics.fid import metric_name
 
 
 def psnr_of_mean_mse(psnr: Tensor) -> float:
@@ -69,10 +70,9 @@ def reconstruction_rows(
     callback: Any, trainer, pl_module, fid, images: list[Tensor], psnr_local: Tensor, base: dict
 ) -> tuple[list[dict], dict[str, float]]:
     """Adaptive rows, one per budget and cost, from per-image PSNR curves psnr_local (B, G) over ks."""
-    from vlt.metrics.fid import metric_name
-
     grid = callback.ks
     curves, offset = gather_rows(psnr_local.double())  # (T, G)
+    flops = {k: float(pl_module.budget_flops(k, "reconstruct", 1.0)) for k in grid}
     rows, scalars = [], {}
     for cost in callback.budget_costs:
         for budget in callback.budgets:
@@ -83,7 +83,6 @@ def reconstruction_rows(
             row = {**base, "k": budget, "mode": mode_name(cost), "budget": budget, "lambda": lam}
             row["tokens"] = float(ks_all.double().mean())
             row["k_rms"] = float(ks_all.double().pow(2).mean().sqrt())
-            flops = {k: float(pl_module.budget_flops(k, "reconstruct", 1.0)) for k in grid}
             row["flops"] = float(torch.tensor([flops[int(k)] for k in ks_all]).mean())
             values = {}
             if "psnr" in callback.metrics:
@@ -121,13 +120,6 @@ def generation_rows(
     callback: Any, trainer, pl_module, fid, labels: list[Tensor], base: dict, rank: int
 ) -> tuple[list[dict], dict[str, float]]:
     """Adaptive gFID rows: per-image K from the module's p(K | class) tilted to each budget."""
-    from vlt.metrics.fid import metric_name
-
-    if not callable(getattr(pl_module, "budget_generate_adaptive", None)):
-        raise ValueError(
-            f"{type(pl_module).__name__} lacks budget_generate_adaptive(labels, budget, cfg_scale, "
-            "generator), needed by TokenBudgetCallback(budgets=...) with gfid"
-        )
     rows, scalars = [], {}
     for budget in callback.budgets:
         row = {**base, "k": budget, "mode": "adaptive", "budget": budget}

@@ -170,6 +170,8 @@ class TokenBudgetCallback(pl.Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         needs = {"psnr": "budget_reconstruct", "rfid": "budget_reconstruct", "gfid": "budget_generate"}
         required = {needs[m] for m in self.metrics} | {"budget_flops", "budget_tokens"}
+        if self.budgets and "gfid" in self.metrics:
+            required.add("budget_generate_adaptive")  # adaptive generation rows
         missing = sorted(name for name in required if not callable(getattr(pl_module, name, None)))
         if missing:
             raise ValueError(
