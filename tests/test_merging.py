@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from vlt.models.baselines import bipartite_assignment
-from vlt.models.merge_ops import MergeTable
+from vlt.models.pattern import MergePattern
 from vlt.models.merging import Merger, alignment_loss, hierarchy, straight_through
 from vlt.nn.attention import Attention, size_bias
 
@@ -29,7 +29,7 @@ def test_hierarchy_is_nested_with_exact_counts(noise: float, blocks: int) -> Non
             # Numbered by smallest member: first occurrences appear in order 0, 1, 2, ...
             first = [int(a[: i + 1].max()) for i in range(N)]
             assert first == sorted(first) and a[0] == 0
-        assert MergeTable(n=N, assign=cuts).nested()
+        assert MergePattern(N, cuts).nested()
 
 
 def test_block_restriction_keeps_clusters_inside_blocks() -> None:
@@ -95,10 +95,10 @@ def test_straight_through_forward_is_hard_and_gradient_reaches_e() -> None:
 def test_eval_pattern_follows_updates_of_e() -> None:
     torch.manual_seed(0)
     m = _merger().eval()
-    before = m.table().assign[8].clone()
+    before = m.pattern().assignment(8).clone()
     with torch.no_grad():
         m.e.copy_(torch.randn_like(m.e))  # in place, like an optimizer step
-    after = m.table().assign[8]
+    after = m.pattern().assignment(8)
     assert torch.equal(after, hierarchy(m.e, [8])[8]) and not torch.equal(before, after)
 
 
@@ -114,7 +114,7 @@ def test_attention_on_unmerged_slots_equals_proportional_attention_on_merged_tok
     merged = attn(torch.cat([x, out.tokens], 1), bias)  # (B, P+K, D)
     torch.testing.assert_close(full[:, :p], merged[:, :p], atol=1e-5, rtol=1e-5)
     # Slot queries see the same thing as their merged token's query.
-    assign = m.table().assign[k]
+    assign = m.pattern().assignment(k)
     torch.testing.assert_close(full[:, p:], merged[:, p:][:, assign], atol=1e-5, rtol=1e-5)
 
 

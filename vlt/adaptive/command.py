@@ -27,8 +27,7 @@ import torch
 from scipy.stats import spearmanr
 
 from vlt.adaptive import allocation as A
-from vlt.adaptive.distortion import Curves, load_curves
-from vlt.adaptive.store import save_allocation
+from vlt.data.cache import Curves, LatentCache
 
 Rule = Literal["lagrangian", "threshold"]
 Source = Literal["search", "predictor"]
@@ -149,7 +148,7 @@ def allocate(
     if rule == "threshold" and tau is None:
         raise ValueError("rule='threshold' needs --tau (a PSNR in dB)")
     root = Path(cache)
-    curves = {split: load_curves(root, split) for split in SPLITS}
+    curves = {split: LatentCache(root).curves(split) for split in SPLITS}
     grid = A.check_grid(curves["train"].grid)
     if curves["val"].grid != grid:
         raise ValueError(f"train grid {grid} and val grid {curves['val'].grid} differ in {root}")
@@ -194,7 +193,7 @@ def allocate(
         search_lam = _search_lambda(true_d, grid, rule, budget, cost)
         searched = _choose(true_d["val"], grid, rule, search_lam, tau, cost, distortion)
         meta["predictor"] = {**report, "val": agreement(curves["val"], ks["val"], searched)}
-    save_allocation(root, meta, {s: (curves[s].keys, ks[s].numpy()) for s in SPLITS})
+    LatentCache(root).save_allocation(meta, {s: (curves[s].keys, ks[s].numpy()) for s in SPLITS})
     level = f"b{budget:g}" if rule == "lagrangian" else f"tau{tau:g}"
     run_name = f"{rule}-{cost}-{level}-{distortion}-{source}"
     write_histograms(Path(log_dir) if log_dir else root / "tb", run_name, curves, ks, meta)
