@@ -15,8 +15,8 @@ import torch
 import webdataset as wds
 
 from vlt.adaptive.distortion import png_size
-from vlt.data.cache import Curves, LatentCache, load_allocation, load_ks
 from vlt.cli import main as vlt
+from vlt.data.cache import Curves, LatentCache, load_allocation, load_ks
 from vlt.models.pattern import MergePattern
 
 N, C, GRID = 8, 4, [2, 4, 8]

@@ -11,8 +11,8 @@ import pytest
 import torch
 import webdataset as wds
 
-from vlt.data.cache import LatentCache
 from vlt.data import WebDataModule
+from vlt.data.cache import LatentCache
 from vlt.data.stream import SkipTally, attach_ks, bucket_by_k, collate_latents
 
 GRID = [4, 8, 16, 32]

@@ -17,9 +17,9 @@ from vlt.metrics import (
     find_inception_weights,
     frechet_distance,
     make_extractor,
+    measured_flops,
     metric_name,
     psnr,
-    measured_flops,
     transformer_flops,
 )
 from vlt.nn import Attention, Mlp, SwiGLU

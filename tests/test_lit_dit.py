@@ -2,21 +2,21 @@
 
 from __future__ import annotations
 
+import shutil
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import torch
 import webdataset as wds
 
-import shutil
-import subprocess
-import sys
-
 from tests.conftest import ROOT, TINY_DIT
 from vlt import load as vlt_load
 from vlt.cli import main as vlt
 from vlt.data.cache import LatentCache
-from vlt.tools.cache_latents import cache_latents
 from vlt.lit import LitDiT, LitTokenizer
+from vlt.tools.cache_latents import cache_latents
 
 pytestmark = pytest.mark.slow
 
@@ -106,8 +106,9 @@ def test_stage2_checkpoint_and_export_sample_without_cache_or_stage1(tmp_path, t
         cache_latents(tokenizer=str(tok_ckpt), shards=tiny_shards[split], out=str(cache), split=split,
                       batch_size=64, num_workers=0, distortion=False)  # fmt: skip
     vlt(
-        ["fit", "-c", str(ROOT / "conf/dit/tiny.yaml"), f"--runs_dir={tmp_path}", "--name=dit", f"--latents={cache}",
-         f"--model.init_args.tokenizer={tok_ckpt}", "--trainer.callbacks=[]", "--trainer.max_steps=3",
+        ["fit", "-c", str(ROOT / "conf/dit/tiny.yaml"), f"--runs_dir={tmp_path}", "--name=dit",
+         f"--latents={cache}", f"--model.init_args.tokenizer={tok_ckpt}", "--trainer.callbacks=[]",
+         "--trainer.max_steps=3",
          *TINY_DIT[:4], "--trainer.log_every_n_steps=1", "--data.init_args.batches_per_epoch=3",
          "--data.init_args.num_workers=0", "--trainer.val_check_interval=3"]
     )  # fmt: skip

@@ -11,10 +11,10 @@ import torch
 import webdataset as wds
 
 from tests.conftest import ROOT, TINY_DIT
-from vlt.adaptive.allocation import k_histogram
-from vlt.data.cache import LatentCache
 from vlt import load as vlt_load
+from vlt.adaptive.allocation import k_histogram
 from vlt.cli import main as vlt
+from vlt.data.cache import LatentCache
 from vlt.lit import LitDiT
 from vlt.lit.dit import batch_k
 from vlt.models.dit import DiT, DiTConfig
@@ -39,7 +39,9 @@ def skewed(tmp_path) -> Path:
 def adaptive(path: Path, **dit) -> LitDiT:
     """An adaptive LitDiT shaped by and filled from an allocation file (no cache needed)."""
     cfg = DiTConfig(**{**SMALL, "k_conditioning": True, **dit})
-    model = LitDiT(**LitDiT.resolve_sources({"dit": cfg, "ks": GRID, "k_source": "data", "allocation": str(path)}))
+    model = LitDiT(
+        **LitDiT.resolve_sources({"dit": cfg, "ks": GRID, "k_source": "data", "allocation": str(path)})
+    )
     model.load_sources()
     return model
 
@@ -134,7 +136,9 @@ def cache_with_allocation(latents: Path, out: Path) -> dict[str, dict[str, int]]
     all_k = torch.tensor(np.concatenate([ks[s][1] for s in ks]))
     probs = k_histogram(all_k, torch.tensor(labels), GRID, 10)
     meta = {"rule": "parity", "cost": "k", "budget": 20.0, "lambda": 0.0, "grid": GRID, "num_classes": 10}
-    LatentCache(out).save_allocation(meta | {"p_k_given_class": probs.tolist(), "mean_k": {"train": 20.0}}, ks)
+    LatentCache(out).save_allocation(
+        meta | {"p_k_given_class": probs.tolist(), "mean_k": {"train": 20.0}}, ks
+    )
     return per_split
 
 

@@ -5,9 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-import vlt
-
 from tests.conftest import ROOT, TINY_TOKENIZER
+from vlt import load as vlt_load
 from vlt.cli import main as vlt
 from vlt.lit import LitTokenizer
 from vlt.models.pattern import MergePattern
@@ -48,7 +47,7 @@ def test_lgm_run_outputs_and_checkpoint_round_trip(tiny_tokenizer, tiny_shards):
     assert table.ks == [4, 8, 16, 32] and table.nested()
 
     a = LitTokenizer.load_from_checkpoint(tiny_tokenizer).eval()
-    b = vlt.load(str(tiny_tokenizer))  # the stage object, without Lightning's loader
+    b = vlt_load(str(tiny_tokenizer))  # the stage object, without Lightning's loader
     # the pattern of the loaded stage is the one the checkpoint's (EMA) weights give
     assert b.pattern.equal(a.pattern()) and b.ks == [4, 8, 16, 32]
     x = torch.rand(4, 3, 32, 32) * 2 - 1

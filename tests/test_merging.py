@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from vlt.models.baselines import bipartite_assignment
-from vlt.models.pattern import MergePattern
 from vlt.models.merging import Merger, alignment_loss, hierarchy, straight_through
+from vlt.models.pattern import MergePattern
 from vlt.nn.attention import Attention, size_bias
 
 N, C, GRID = 32, 16, (1, 4, 8, 16, 32)
@@ -67,9 +67,10 @@ def test_merge_unmerge_round_trip_and_sizes(k: int) -> None:
     torch.testing.assert_close(m(out.z_hat, k).tokens, out.tokens)  # merge(unmerge(t)) == t
     # Mass is conserved: size-weighted token sum equals the slot sum.
     torch.testing.assert_close((out.sizes[None, :, None] * out.tokens).sum(1), z.sum(1))
-    table = m.table()
-    assert table.ks == [4, 8, 16, 32] and table.nested()
-    torch.testing.assert_close(table.merge(z, k), out.tokens)
+    pattern = m.pattern()
+    assert pattern.ks == [4, 8, 16, 32] and pattern.nested() and pattern.kind == "lgm"
+    torch.testing.assert_close(pattern.merge(z, k), out.tokens)
+    torch.testing.assert_close(pattern.unmerge(out.tokens), out.z_hat)
 
 
 def test_k_equal_n_is_identity_in_every_mode() -> None:
@@ -154,7 +155,12 @@ def test_nested_dropout_keeps_the_head_and_masks_the_tail() -> None:
     out = m(z, 4)
     assert torch.equal(out.tokens, z[:, :4]) and torch.equal(out.z_hat[:, :4], z[:, :4])
     assert (out.z_hat[:, 4:] == 7.0).all() and torch.equal(m.unmerge(out.tokens), out.z_hat)
-    assert m.table() is None
+    # The same scheme as a global pattern: the first K slots, sizes 1, the mask as the fill.
+    pattern = m.pattern()
+    assert pattern.kind == "nested" and pattern.nested() and torch.equal(pattern.sizes(4), torch.ones(4))
+    assert torch.equal(pattern.merge(z, 4), out.tokens)
+    assert torch.equal(pattern.unmerge(out.tokens, m.fill()), out.z_hat)
+    assert _merger("tome").pattern() is None
 
 
 def test_tome_merges_duplicate_pairs_and_is_per_image() -> None:

@@ -14,6 +14,7 @@ hold everything allocation reads, so it never has to open the latent shards.
 from __future__ import annotations
 
 import io
+
 import numpy as np
 import torch
 from PIL import Image

@@ -73,8 +73,9 @@ class LatentCache:
     def pattern(self) -> MergePattern:
         if not self.has_pattern():
             raise FileNotFoundError(
-                f"latent cache {self.root} has no pattern.json: it was not written by `vlt cache-latents`, or "
-                "its tokenizer merges per image (ToMe), a pattern a generator cannot know at sampling time "
+                f"latent cache {self.root} has no pattern.json: it was not written by `vlt cache-latents`, "
+                "or its tokenizer merges per image (ToMe): a generator cannot know such a pattern "
+                "when sampling "
                 "(stage 2 needs an lgm, nested or fixed tokenizer)"
             )
         return MergePattern.load(self.root / "pattern.json")

@@ -160,7 +160,7 @@ class LitDiT(L.LightningModule):
             if tok.pattern is None or not tok.pattern.subset(self.ks).equal(gen.pattern):
                 raise ValueError(
                     f"merge pattern mismatch between tokenizer {hp.tokenizer} and the latent cache "
-                    f"{hp.cache}: the cache was made by another tokenizer; rebuild it with `vlt cache-latents`"
+                    f"{hp.cache}: the cache was made by another tokenizer; rebuild it (`vlt cache-latents`)"
                 )
             gen.tokenizer.net.load_state_dict(tok.net.state_dict())
             gen.tokenizer.fill.copy_(tok.fill)

@@ -217,15 +217,17 @@ class LitJoint(L.LightningModule):
         self.log("train/k", float(k))
         return parts["loss"]
 
-    def configure_optimizers(self) -> dict:
-        gen, groups = self.generator, []
+    def param_groups(self) -> list[dict]:
+        """Optimizer groups: each part at its own peak learning rate (`part_lr`, else `optim.lr`)."""
+        gen, groups, optim = self.generator, [], self.hparams.optim
         parts = (("tokenizer", gen.tokenizer.net), ("dit", gen.dit), ("projector", self.projector))
         for part, module in parts:
-            lr = getattr(self.hparams.part_lr, part) or self.hparams.optim.lr
-            groups += [
-                {**g, "lr": lr} for g in param_groups(module, self.hparams.optim.weight_decay) if g["params"]
-            ]
-        return self.hparams.optim.build(groups, self.trainer.max_steps)
+            lr = getattr(self.hparams.part_lr, part) or optim.lr
+            groups += [{**g, "lr": lr} for g in param_groups(module, optim.weight_decay) if g["params"]]
+        return groups
+
+    def configure_optimizers(self) -> dict:
+        return self.hparams.optim.build(self.param_groups(), self.trainer.max_steps)
 
     # --- validation: diffusion loss and PSNR per K ---
     def validation_step(self, batch: dict, batch_idx: int) -> None:

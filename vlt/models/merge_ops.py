@@ -12,7 +12,6 @@ The same functions serve per-image patterns (a leading batch dimension on Gamma 
 
 from __future__ import annotations
 
-
 import torch
 from torch import Tensor
 

@@ -31,7 +31,7 @@ from vlt.models.merging import Merger
 from vlt.models.pattern import MergePattern
 from vlt.models.tokenizer import TokenizerConfig
 from vlt.objectives.flow import FlowSpec
-from vlt.specs import MergeSpec, allow_in_checkpoints
+from vlt.specs import allow_in_checkpoints
 from vlt.stages.generator import LatentGenerator
 from vlt.stages.tokenizer import VariableLengthTokenizer
 
@@ -89,10 +89,15 @@ def tokenizer_from_checkpoint(ckpt: dict[str, Any]) -> VariableLengthTokenizer:
 
 def generator_config(hp: dict[str, Any]) -> dict[str, Any]:
     """The LatentGenerator arguments a stage-2 or joint module keeps in its hyper-parameters."""
+    # Stage 2 names the stage-1 file `tokenizer` and its config `tokenizer_config`; stage 3 trains the
+    # tokenizer and keeps its config as `tokenizer`.
+    tokenizer = (
+        hp["tokenizer"] if isinstance(hp.get("tokenizer"), TokenizerConfig) else hp.get("tokenizer_config")
+    )
     return {
         "dit": hp["dit"],
         "flow": hp["flow"],
-        "tokenizer": hp["tokenizer_config"],
+        "tokenizer": tokenizer,
         "pattern": {"n": hp["dit"].n_slots, "ks": list(hp["ks"]), "kind": hp["pattern_kind"]},
         "prior_grid": hp.get("prior_grid"),
     }

@@ -29,8 +29,8 @@ from vlt.adaptive.allocation import draw, tilt_to_budget
 from vlt.models.dit import DiT, DiTConfig
 from vlt.models.pattern import MergePattern
 from vlt.models.tokenizer import TokenizerConfig
-from vlt.stages.tokenizer import VariableLengthTokenizer
 from vlt.objectives.flow import FlowSpec, RectifiedFlow
+from vlt.stages.tokenizer import VariableLengthTokenizer
 
 
 class AdaptiveSamples(NamedTuple):

@@ -129,7 +129,7 @@ def cache_latents(
     }  # fmt: skip
     cache.finish(split, rank, meta)
     print(
-        f"cache-latents: {totals.count} {split} latents ({cfg.n_slots}x{cfg.channels}) on rank {rank}/{world}, "
-        f"{data.skipped} skipped, {meta['seconds']} s -> {cache.root}"
+        f"cache-latents: {totals.count} {split} latents ({cfg.n_slots}x{cfg.channels}) on rank "
+        f"{rank}/{world}, {data.skipped} skipped, {meta['seconds']} s -> {cache.root}"
     )
     return cache.root

@@ -1,4 +1,4 @@
-"""`vlt export CKPT OUT`: a stage checkpoint as export folders (config.json + model.safetensors + pattern.json).
+"""`vlt export CKPT OUT`: a stage checkpoint as export folders (config.json, model.safetensors, pattern.json).
 
     vlt export runs/tokenizer-tiny/checkpoints/last.ckpt exports/tokenizer-tiny
     vlt export runs/dit-tiny/checkpoints/last.ckpt exports/dit-tiny   # generator/ and tokenizer/
