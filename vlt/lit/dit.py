@@ -23,6 +23,7 @@ import torch
 from torch import Tensor, nn
 from torchmetrics import MeanMetric
 
+from vlt.checkpoints import load_checkpoint
 from vlt.data.latents import cache_meta, latent_stats
 from vlt.lit.dit_adaptive import K_SOURCES, AdaptiveK, KSource, allocation_buffers, batch_k
 from vlt.lit.specs import OptimSpec, allow_in_checkpoints, param_groups
@@ -295,7 +296,7 @@ def _has_stats(cache: str) -> bool:
 
 def check_tokenizer(path: str, table: MergeTable) -> None:
     """The tokenizer checkpoint must carry the same merge pattern as the cache the DiT learns from."""
-    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    ckpt = load_checkpoint(path, expect="tokenizer", config_key="model.init_args.tokenizer")
     stored = ckpt.get("merge_table")
     if stored is None:
         return

@@ -15,15 +15,14 @@ from typing import TYPE_CHECKING
 import lightning as L
 import torch
 
+from vlt.checkpoints import load_checkpoint
+
 if TYPE_CHECKING:
     from vlt.lit.joint import LitJoint
 
 
 def _load(path: str) -> dict:
-    if not Path(path).is_file():
-        raise ValueError(f"checkpoint {path} does not exist")
-    # Our own checkpoints (trusted, local); mmap keeps paper-scale files cheap to open twice.
-    return torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+    return load_checkpoint(path)  # weights_only=True; mmap keeps paper-scale files cheap to open twice
 
 
 def read_hparams(path: str | None) -> dict:
