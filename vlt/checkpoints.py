@@ -97,7 +97,7 @@ def load_checkpoint(
 
 
 def checkpoint_stage(ckpt: dict[str, Any]) -> str:
-    """"tokenizer", "dit", "joint" or "unknown": the explicit marker, else read off the hyperparameters."""
+    """ "tokenizer", "dit", "joint" or "unknown": the explicit marker, else read off the hyperparameters."""
     marker = ckpt.get(STAGE_KEY)
     if marker in STAGES:
         return str(marker)

@@ -65,10 +65,15 @@ def cache_latents(
             image) for content-adaptive allocation; ignored when the tokenizer has no merge table.
     """
     from vlt.adaptive.distortion import Curves, png_size, psnr_curves, save_curves
+    from vlt.checkpoints import load_checkpoint
     from vlt.data.datamodule import WebDataModule
+    from vlt.data.labels import check_labels, data_classes
     from vlt.data.transforms import to_uint8
     from vlt.lit.tokenizer import LitTokenizer
+    from vlt.paths import check_name
 
+    check_name(split, "--split")
+    load_checkpoint(tokenizer, expect="tokenizer", config_key="--tokenizer")
     rank, world = _rank_world()
     root = Path(out)
     done = root / f"done-{split}-r{rank}.json"
@@ -99,6 +104,9 @@ def cache_latents(
     pattern = str(root / f"{split}-r{rank:02d}-%06d.tar")
     with wds.ShardWriter(pattern, maxcount=shard_size, verbose=0) as sink, torch.no_grad():
         for batch in data.val_dataloader():
+            check_labels(
+                batch["label"], data_classes(data.info), where=f"cache-latents of {shards}", keys=batch["key"]
+            )
             z = model.encode(batch["image"]).double()  # (B, N, C)
             total += z.sum(dim=(0, 1))
             total_sq += z.pow(2).sum(dim=(0, 1))
