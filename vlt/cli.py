@@ -101,7 +101,7 @@ class VLTCLI(LightningCLI):
 
 def check_checkpoint_args(model: Any) -> None:
     """Every checkpoint a model's init args name loads safely and is of the stage its key needs."""
-    init_args = getattr(model, "init_args", None) or {}
+    init_args = (model.get("init_args") if hasattr(model, "get") else None) or {}
     for key, stage in CHECKPOINT_ARGS.items():
         value = init_args.get(key) if hasattr(init_args, "get") else None
         if isinstance(value, str) and value:

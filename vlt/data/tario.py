@@ -29,6 +29,8 @@ RESYNC_LIMIT = 1 << 20  # blocks scanned for the next valid header before the re
 class TarError(ValueError):
     """A shard that is not a readable tar archive (truncated, corrupt header, no samples)."""
 
+    member: str | None = None  # the member being read when the archive broke off, if known
+
 
 class Resynced(TarError):
     """A corrupt header was skipped; reading continues at the next valid one (carries the members read)."""
@@ -122,18 +124,22 @@ def iter_members(
             header, offset = _resync(stream, offset)
             long_name = None
         size, kind = _octal(header[124:136]), header[156:157]
-        data = _read(stream, size)
-        offset += size
-        if size % BLOCK:
-            offset += len(_read(stream, BLOCK - size % BLOCK))
+        regular = kind in (b"0", b"\0", b"7")
+        name = (long_name if long_name is not None else _name(header)) if regular else None
+        try:
+            data = _read(stream, size)
+            offset += size
+            if size % BLOCK:
+                offset += len(_read(stream, BLOCK - size % BLOCK))
+        except TarError as exc:
+            exc.member = name  # the member cut short, so its sample is counted
+            raise
         if kind in (b"x", b"L"):
             long_name = _pax_path(data) if kind == b"x" else _text(data.rstrip(b"\0"))
             continue
-        if kind not in (b"0", b"\0", b"7"):
-            long_name = None  # directories, links, global headers carry no sample data
-            continue
-        name, long_name = (long_name, None) if long_name is not None else (_name(header), None)
-        yield name, data
+        long_name = None  # directories, links, global headers carry no sample data
+        if regular:
+            yield name, data
 
 
 def _split(name: str) -> tuple[str, str]:
@@ -167,8 +173,15 @@ def _samples(stream: IO[bytes], url: str, on_error: Callable[[TarError], None]) 
                     sample["__error__"] = f"unsafe member name {name!r} (absolute or '..')"
             sample[ext] = data
     except TarError as exc:
+        cut = getattr(exc, "member", None)
+        cut_key = _split(cut)[0] if cut else None
+        if sample and cut_key not in (None, sample["__key__"]):
+            yield sample  # complete: the member cut short starts the next sample
+            sample = {}
+        if not sample and cut_key is not None:
+            sample = {"__key__": cut_key, "__url__": url}
         if sample:
-            sample["__error__"] = f"shard breaks off inside this sample: {exc}"
+            sample["__error__"] = f"the shard breaks off inside this sample: {exc}"
             yield sample
         raise
     if sample:
