@@ -20,6 +20,7 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import sys
 import threading
 from typing import Any
 
@@ -126,9 +127,13 @@ class StopAtStepEnd(StepEndSignal):
     def _request(self, signum: int, frame: Any) -> None:
         if self.requested is not None:
             self.restore()
-            raise KeyboardInterrupt(
-                f"signal {signal.Signals(signum).name} again: stopping without a checkpoint"
+            print(
+                f"{signal.Signals(signum).name} again, or no optimizer step ended within {self.grace_s:g} s "
+                "of the first: stopping without a checkpoint",
+                file=sys.stderr,
+                flush=True,
             )
+            raise KeyboardInterrupt
         self.requested = signum
         main = threading.main_thread().ident
         self._timer = threading.Timer(self.grace_s, signal.pthread_kill, (main, signum))

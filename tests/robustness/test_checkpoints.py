@@ -49,7 +49,7 @@ def test_malicious_pickle_is_refused_by_every_loader(tmp_path):
     marker = tmp_path / "pwned"
     evil = tmp_path / "evil.ckpt"
     torch.save({"state_dict": {}, "hyper_parameters": {"x": Payload(marker)}}, evil, pickle_protocol=2)
-    with pytest.raises(UnsafeCheckpointError, match="refused.*weights_only"):
+    with pytest.raises(UnsafeCheckpointError, match=r"refused.*weights_only"):
         load_checkpoint(evil, config_key="model.init_args.tokenizer")
     with pytest.raises(UnsafeCheckpointError, match=r"model\.init_args\.tokenizer="):
         check_tokenizer(str(evil), MergeTable(n=8, assign={}))  # stage 2's setup check
@@ -88,5 +88,5 @@ def test_ckpt_path_last_falls_back_to_the_newest_loadable(tmp_path, tokenizer_ck
         assert runs.resume_path(run, ckpt_path="last", env={}) == str(good)
     assert "hpc_ckpt_1.ckpt" in caplog.text and "falling back" in caplog.text
     good.write_bytes(b"not a checkpoint")
-    with pytest.raises(ValueError, match="no checkpoint in .* loads"):
+    with pytest.raises(ValueError, match=r"no checkpoint in .* loads"):
         runs.resume_path(run, ckpt_path="last", env={})

@@ -34,7 +34,7 @@ def test_a_failing_pipe_command_fails_the_stream(tmp_path, monkeypatch):
 def test_pipe_urls_need_an_explicit_opt_in(tmp_path, monkeypatch):
     shard = write_shard(tmp_path / "a.tar", 3)
     monkeypatch.delenv("VLT_ALLOW_PIPE", raising=False)
-    with pytest.raises(ValueError, match="VLT_ALLOW_PIPE=1.*allow_pipe"):
+    with pytest.raises(ValueError, match=r"VLT_ALLOW_PIPE=1.*allow_pipe"):
         WebDataModule(val=f"pipe:cat {shard}").setup()
     keys, _ = read_val(f"pipe:cat {shard}", allow_pipe=True)
     assert len(keys) == 3

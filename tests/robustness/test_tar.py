@@ -19,7 +19,8 @@ def first_headers(path) -> list[int]:
 def test_every_truncation_is_counted_and_warned(tmp_path, caplog):
     shard = write_shard(tmp_path / "full.tar", N)
     data, starts = shard.read_bytes(), first_headers(shard)
-    end = max(m.offset_data + m.size for m in tarfile.open(shard).getmembers())
+    with tarfile.open(shard) as tar:
+        end = max(m.offset_data + m.size for m in tar.getmembers())
     cuts = sorted({*range(0, end + 512, 512), *range(7, end, 301)})
     for cut in cuts:
         part = tmp_path / f"cut{cut}.tar"
