@@ -22,7 +22,8 @@ import time
 
 import torch
 
-from vlt.models.merge_ops import MergeTable, merge
+from vlt.models.merge_ops import merge
+from vlt.models.pattern import MergePattern
 from vlt.models.registry import create
 from vlt.objectives.flow import RectifiedFlow
 
@@ -56,7 +57,7 @@ def bench_preset(name: str, args: argparse.Namespace) -> None:
     cfg, flow = model.cfg, RectifiedFlow()
     n, c = cfg.n_slots, cfg.channels
     ks = [n // 8, n // 4, n // 2, n]
-    table = MergeTable.contiguous(n, ks)
+    table = MergePattern.contiguous(n, ks)
     batch, sample_batch = BATCHES.get(name, (4, 4))
     batch, sample_batch = args.batch or batch, args.sample_batch or sample_batch
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)

@@ -316,9 +316,9 @@ def main() -> None:
     out, latents, runs_dir = ROOT / args.out, ROOT / args.latents, ROOT / args.runs_dir
     out.mkdir(parents=True, exist_ok=True)
     cache(args.tokenizer, latents, args.fresh)
-    from vlt.models.merge_ops import MergeTable
+    from vlt.data.cache import LatentCache
 
-    grid = MergeTable.load(latents / "merge_table.json").ks
+    grid = LatentCache(latents).pattern().ks
     n = grid[-1]
     budgets = [n // 8, n // 4, n // 2]
     done = out / "allocations.json"

@@ -67,7 +67,7 @@ def tiny_tokenizer(tmp_path_factory, tiny_shards) -> Path:
 @pytest.fixture(scope="session")
 def tiny_latents(tmp_path_factory, tiny_shards, tiny_tokenizer) -> Path:
     """A latent cache (train + val) of the tiny tokenizer."""
-    from vlt.data.latents import cache_latents
+    from vlt.tools.cache_latents import cache_latents
 
     out = tmp_path_factory.mktemp("latents")
     for split in ("train", "val"):

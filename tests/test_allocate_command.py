@@ -14,10 +14,10 @@ import pytest
 import torch
 import webdataset as wds
 
-from vlt.adaptive.distortion import Curves, load_curves, png_size, save_curves
-from vlt.adaptive.store import load_allocation, load_ks
+from vlt.adaptive.distortion import png_size
 from vlt.cli import main as vlt
-from vlt.models.merge_ops import MergeTable
+from vlt.data.cache import Curves, LatentCache, load_allocation, load_ks
+from vlt.models.pattern import MergePattern
 
 N, C, GRID = 8, 4, [2, 4, 8]
 
@@ -26,7 +26,7 @@ N, C, GRID = 8, 4, [2, 4, 8]
 def toy_cache(tmp_path) -> Path:
     """A cache whose PSNR gain per level grows with complexity (so K_i should follow complexity)."""
     g = torch.Generator().manual_seed(0)
-    MergeTable.contiguous(N, GRID).save(tmp_path / "merge_table.json")
+    MergePattern.contiguous(N, GRID).save(tmp_path / "pattern.json")
     for split, s in (("train", 200), ("val", 80)):
         complexity = torch.randint(0, 11, (s,), generator=g)
         z = torch.randn(s, N, C, generator=g) * (1 + complexity[:, None, None] / 5)
@@ -35,7 +35,7 @@ def toy_cache(tmp_path) -> Path:
         keys = [f"{split}_{i:04d}" for i in range(s)]
         curves = Curves(keys, psnr.numpy(), (torch.arange(s) % 3).numpy(), complexity.numpy(),
                         (400 + 90 * complexity).numpy(), GRID)  # fmt: skip
-        save_curves(tmp_path / f"curves-{split}-r0.npz", curves)
+        LatentCache(tmp_path).save_curves(split, 0, curves)
         with wds.TarWriter(str(tmp_path / f"{split}-r00-000000.tar")) as sink:
             for key, zi in zip(keys, z, strict=True):
                 sink.write({"__key__": key, "latent.npy": zi.numpy()})
@@ -100,7 +100,7 @@ def vlt_allocate(cache: Path, *args: str) -> dict:
 
 def test_threshold_rule_reaches_tau(toy_cache):
     vlt(["allocate", "--cache", str(toy_cache), "--rule", "threshold", "--tau", "27"])
-    curves, ks = load_curves(toy_cache, "val"), load_ks(toy_cache, "val")
+    curves, ks = LatentCache(toy_cache).curves("val"), load_ks(toy_cache, "val")
     for key, row in zip(curves.keys, curves.psnr, strict=True):
         ok = [k for k, p in zip(GRID, row, strict=True) if p >= 27]
         assert ks[key] == (ok[0] if ok else GRID[-1])
@@ -123,8 +123,8 @@ def test_cached_curves_equal_the_tokenizers_psnr(tiny_latents, tiny_tokenizer, t
     from vlt.objectives.recon import psnr
 
     tok = LitTokenizer.load_from_checkpoint(tiny_tokenizer).eval()
-    curves = load_curves(tiny_latents, "val")
-    assert curves.grid == tok.merge_table().ks and len(curves.keys) == 64
+    curves = LatentCache(tiny_latents).curves("val")
+    assert curves.grid == tok.pattern().ks and len(curves.keys) == 64
     images = {
         s["__key__"]: s
         for s in wds.WebDataset(sorted(glob.glob(tiny_shards["val"])), shardshuffle=False).decode("rgb8")

@@ -11,8 +11,8 @@ import pytest
 import torch
 import webdataset as wds
 
-from vlt.adaptive.store import save_allocation
 from vlt.data import WebDataModule
+from vlt.data.cache import LatentCache
 from vlt.data.stream import SkipTally, attach_ks, bucket_by_k, collate_latents
 
 GRID = [4, 8, 16, 32]
@@ -99,7 +99,7 @@ def cache(tmp_path_factory):
     ks = {split: (keys, rng.choice(GRID, len(keys))) for split, keys in (("train", train), ("val", val))}
     ks["val"] = (val[2:], ks["val"][1][2:])
     meta = {"rule": "test", "cost": "k", "budget": 12.0, "grid": GRID, "num_classes": 3}
-    save_allocation(root, meta, ks)
+    LatentCache(root).save_allocation(meta, ks)
     return root, {split: dict(zip(k, v.tolist(), strict=True)) for split, (k, v) in ks.items()}, val
 
 

@@ -9,7 +9,8 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 from vlt.models.dit import DiT, DiTConfig
-from vlt.models.merge_ops import MergeTable, merge, unmerge
+from vlt.models.merge_ops import merge, unmerge
+from vlt.models.pattern import MergePattern
 from vlt.models.registry import create, list_presets
 from vlt.nn.modulation import LabelEmbedder
 
@@ -28,24 +29,24 @@ def perturb(model: DiT, std: float = 0.05) -> DiT:
     return model
 
 
-def random_nested_table(n: int, ks, seed: int = 0) -> MergeTable:
+def random_nested_table(n: int, ks, seed: int = 0) -> MergePattern:
     """Contiguous groups of a random slot order: nested, but scattered over the slot index."""
     rank = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
-    return MergeTable(n=n, assign={k: rank * k // n for k in ks})
+    return MergePattern(n, {k: rank * k // n for k in ks})
 
 
-def uneven_table(seed: int = 0) -> MergeTable:
+def uneven_table(seed: int = 0) -> MergePattern:
     """K=8 clusters of sizes 1..6 over scattered slots (unequal sizes make the log m_j bias matter)."""
     rank = torch.randperm(N, generator=torch.Generator().manual_seed(seed))
     groups = torch.repeat_interleave(torch.arange(8), torch.tensor([1, 2, 3, 4, 5, 6, 5, 6]))
-    return MergeTable(n=N, assign={8: groups[rank]})
+    return MergePattern(N, {8: groups[rank]})
 
 
 def inputs(k: int, b: int = 2):
     return torch.randn(b, k, C), torch.rand(b), torch.randint(0, 10, (b,))
 
 
-@pytest.mark.parametrize("table", [MergeTable.contiguous(N, KS), random_nested_table(N, KS)])
+@pytest.mark.parametrize("table", [MergePattern.contiguous(N, KS), random_nested_table(N, KS)])
 def test_shape_for_every_k(table):
     torch.manual_seed(0)
     model = perturb(small())
@@ -69,7 +70,7 @@ def test_positions_identity_and_means():
 def test_adaln_zero_output_is_zero():
     torch.manual_seed(0)
     model = small()
-    table = MergeTable.contiguous(N, [8])
+    table = MergePattern.contiguous(N, [8])
     x, t, y = inputs(8)
     assert torch.equal(model(x, t, y, table.gbar(8), table.sizes(8)), torch.zeros(2, 8, C))
 
@@ -104,7 +105,7 @@ def test_per_image_sizes_match_shared():
 def test_k_conditioning_changes_output_with_k():
     torch.manual_seed(0)
     model = perturb(small(k_conditioning=True)).eval()
-    table = MergeTable.contiguous(N, [8])
+    table = MergePattern.contiguous(N, [8])
     x, t, y = inputs(8)
     out = model(x, t, y, table.gbar(8), table.sizes(8))
     model.k_embed = None
@@ -126,7 +127,7 @@ def test_label_dropout_rate_train_and_eval():
 def test_dit_eval_ignores_dropout_and_forced_drop_is_null():
     torch.manual_seed(0)
     model = perturb(small()).eval()
-    table = MergeTable.contiguous(N, [8])
+    table = MergePattern.contiguous(N, [8])
     x, t, y = inputs(8)
     args = (table.gbar(8), table.sizes(8))
     assert torch.equal(model(x, t, y, *args), model(x, t, y, *args))
@@ -137,7 +138,7 @@ def test_dit_eval_ignores_dropout_and_forced_drop_is_null():
 @pytest.mark.parametrize("k_conditioning", [False, True])
 def test_flops_match_counter(k_conditioning):
     model = create("dit", "tiny", k_conditioning=k_conditioning).eval()
-    table = MergeTable.contiguous(32, KS)
+    table = MergePattern.contiguous(32, KS)
     for k in KS:
         x, t, y = torch.randn(1, k, 16), torch.rand(1), torch.zeros(1, dtype=torch.long)
         counter = FlopCounterMode(display=False)
@@ -168,7 +169,7 @@ def test_preset_forward_backward(name):
     torch.manual_seed(0)
     model = create("dit", name, depth=1) if name != "tiny" else create("dit", name)
     n, c = model.cfg.n_slots, model.cfg.channels
-    table = MergeTable.contiguous(n, [n // 8])
+    table = MergePattern.contiguous(n, [n // 8])
     k = n // 8
     x, t, y = torch.randn(2, k, c), torch.rand(2), torch.randint(0, 10, (2,))
     out = model(x, t, y, table.gbar(k), table.sizes(k))

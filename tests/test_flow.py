@@ -7,7 +7,7 @@ import torch
 from torch import Tensor, nn
 
 from vlt.models.dit import DiT, DiTConfig
-from vlt.models.merge_ops import MergeTable
+from vlt.models.pattern import MergePattern
 from vlt.objectives.flow import RectifiedFlow, pooled_noise, token_weights
 from vlt.objectives.guidance import combine, guided_velocity, position_scale
 
@@ -15,10 +15,10 @@ N, C = 12, 4
 SIZES = [1, 2, 4, 5]  # K = 4 tokens over N = 12 slots
 
 
-def uneven_table() -> MergeTable:
+def uneven_table() -> MergePattern:
     rank = torch.randperm(N, generator=torch.Generator().manual_seed(0))
     groups = torch.repeat_interleave(torch.arange(len(SIZES)), torch.tensor(SIZES))
-    return MergeTable(n=N, assign={len(SIZES): groups[rank]})
+    return MergePattern(N, {len(SIZES): groups[rank]})
 
 
 def dit(**kw) -> DiT:

@@ -2,15 +2,21 @@
 
 from __future__ import annotations
 
+import shutil
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import torch
 import webdataset as wds
 
 from tests.conftest import ROOT, TINY_DIT
+from vlt import load as vlt_load
 from vlt.cli import main as vlt
-from vlt.data.latents import cache_latents, latent_stats
+from vlt.data.cache import LatentCache
 from vlt.lit import LitDiT, LitTokenizer
+from vlt.tools.cache_latents import cache_latents
 
 pytestmark = pytest.mark.slow
 
@@ -36,7 +42,7 @@ def test_latent_shards_round_trip(tiny_latents, tiny_tokenizer, tiny_shards):
 
 
 def test_stats_match_the_cached_latents(tiny_latents):
-    mean, std = latent_stats(tiny_latents)
+    mean, std = LatentCache(tiny_latents).stats()
     z = torch.cat(
         [
             torch.tensor(np.load(__import__("io").BytesIO(s["latent.npy"])))[None]
@@ -55,16 +61,16 @@ def test_finished_cache_is_not_overwritten(tiny_latents, tiny_tokenizer, tiny_sh
 
 
 def test_normalisation_is_applied_and_inverted(tiny_dit):
-    model = LitDiT.load_from_checkpoint(tiny_dit)
-    assert not torch.allclose(model.latent_std, torch.ones_like(model.latent_std))
+    gen = vlt_load(str(tiny_dit))
+    assert not torch.allclose(gen.latent_std, torch.ones_like(gen.latent_std))
     z = torch.randn(3, 32, 16)
-    assert torch.allclose(model.denormalise(model.normalise(z)), z, atol=1e-5)
+    assert torch.allclose(gen.denormalise(gen.normalise(z)), z, atol=1e-5)
 
 
 def test_dit_fit_checkpoint_and_sampling(tiny_dit, tmp_path):
-    a = LitDiT.load_from_checkpoint(tiny_dit).eval()
-    b = LitDiT.load_from_checkpoint(tiny_dit).eval()
-    assert a.ks == [4, 8, 16, 32]
+    a = LitDiT.load_from_checkpoint(tiny_dit).generator.eval()
+    b = vlt_load(str(tiny_dit))
+    assert a.ks == b.ks == [4, 8, 16, 32]
     labels = torch.tensor([0, 1, 2])
     for k in (4, 32):
         x = a.generate(labels, k, steps=2, generator=torch.Generator().manual_seed(1))
@@ -88,6 +94,44 @@ def test_dit_fit_checkpoint_and_sampling(tiny_dit, tmp_path):
     arr = np.load(tmp_path / "samples_k4.npz")["arr_0"]
     assert arr.shape == (4, 32, 32, 3) and arr.dtype == np.uint8
     assert (tmp_path / "grid_k16.png").is_file()
+
+
+def test_stage2_checkpoint_and_export_sample_without_cache_or_stage1(tmp_path, tiny_shards, tiny_tokenizer):
+    """Self-contained: delete the latent cache and the stage-1 checkpoint, then load the stage-2
+    checkpoint and its export and sample the same images as before the deletion."""
+    tok_ckpt = tmp_path / "tok.ckpt"
+    shutil.copy(tiny_tokenizer, tok_ckpt)
+    cache = tmp_path / "latents"
+    for split in ("train", "val"):
+        cache_latents(tokenizer=str(tok_ckpt), shards=tiny_shards[split], out=str(cache), split=split,
+                      batch_size=64, num_workers=0, distortion=False)  # fmt: skip
+    vlt(
+        ["fit", "-c", str(ROOT / "conf/dit/tiny.yaml"), f"--runs_dir={tmp_path}", "--name=dit",
+         f"--latents={cache}", f"--model.init_args.tokenizer={tok_ckpt}", "--trainer.callbacks=[]",
+         "--trainer.max_steps=3",
+         *TINY_DIT[:4], "--trainer.log_every_n_steps=1", "--data.init_args.batches_per_epoch=3",
+         "--data.init_args.num_workers=0", "--trainer.val_check_interval=3"]
+    )  # fmt: skip
+    (ckpt,) = (tmp_path / "dit" / "checkpoints").glob("*.ckpt")  # Lightning's default checkpoint
+    labels = torch.tensor([0, 3, 7, 9])
+
+    def samples(path) -> dict[int, torch.Tensor]:
+        gen = vlt_load(str(path))
+        return {
+            k: gen.generate(labels, k, steps=3, generator=torch.Generator().manual_seed(5)) for k in gen.ks
+        }
+
+    before = samples(ckpt)
+    vlt(["export", str(ckpt), str(tmp_path / "export")])
+    shutil.rmtree(cache)
+    tok_ckpt.unlink()
+    after_ckpt, after_export = samples(ckpt), samples(tmp_path / "export" / "generator")
+    lit = LitDiT.load_from_checkpoint(ckpt)  # the Lightning loader needs no file either
+    assert lit.generator.ks == sorted(before) == [4, 8, 16, 32]
+    for k, images in before.items():
+        assert torch.equal(images, after_ckpt[k]) and torch.equal(images, after_export[k])
+    code = "import sys, vlt; vlt.load(sys.argv[1]); assert 'lightning' not in sys.modules"
+    subprocess.run([sys.executable, "-c", code, str(tmp_path / "export" / "generator")], check=True)
 
 
 def test_cache_mismatch_is_a_clear_error(tmp_path, tiny_latents, tiny_tokenizer):

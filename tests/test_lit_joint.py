@@ -10,30 +10,34 @@ import torch
 from torch import nn
 
 from tests.conftest import ROOT
+from vlt import load as vlt_load
 from vlt.cli import main as vlt
-from vlt.lit import AlignEncoderSpec, JointSpec, LitDiT, LitJoint, LitTokenizer, MergeSpec
+from vlt.lit import LitJoint
 from vlt.models.dit import DiTConfig
 from vlt.models.tokenizer import TokenizerConfig
+from vlt.specs import AlignEncoderSpec, JointSpec, MergeSpec, PartLR
 
 TOK = TokenizerConfig(width=32, heads=2, enc_depth=1, dec_depth=1)
 DIT = DiTConfig(width=32, depth=2, heads=2, class_dropout=0.1)
 
 
 def _joint(**kwargs) -> LitJoint:
-    """A random tiny system whose DiT buffers hold the merger's pattern and whose DiT is off its
-    zero init (adaLN-Zero closes every branch, which would hide parameters from the gradients)."""
+    """A random tiny system whose DiT is off its zero init (adaLN-Zero closes every branch, which
+    would hide parameters from the gradients)."""
     torch.manual_seed(0)
     model = LitJoint(
         tokenizer=TOK, merge=MergeSpec(grid=[4, 8, 16, 32]), dit=DIT, ks=[4, 8, 16, 32],
         joint=JointSpec(projector_hidden=32), **kwargs,
     )  # fmt: skip
     with torch.no_grad():
-        for p in model.dit.parameters():
+        for p in model.generator.dit.parameters():
             p.add_(0.05 * torch.randn_like(p))
-        for k, assign in model.merger.table().assign.items():
-            getattr(model, f"assign_{k}").copy_(assign)
-    model.target.copy_from(model.tokenizer) if hasattr(model.target, "copy_from") else None
+    model.target.copy_from(model.generator.tokenizer.net) if hasattr(model.target, "copy_from") else None
     return model.train()
+
+
+def _tok(model: LitJoint) -> nn.Module:
+    return model.generator.tokenizer.net
 
 
 def _batch(b: int = 4) -> dict:
@@ -52,8 +56,8 @@ def _grads(module: nn.Module) -> dict[str, float]:
 def test_diffusion_loss_gives_no_gradient_to_the_tokenizer(k):
     model = _joint()
     model.losses(_batch(), k, recon_k=8)["diffusion"].backward()
-    assert all(g == 0.0 for g in _grads(model.tokenizer).values())
-    assert sum(_grads(model.dit).values()) > 0
+    assert all(g == 0.0 for g in _grads(_tok(model)).values())
+    assert sum(_grads(model.generator.dit).values()) > 0
 
 
 def test_alignment_reaches_the_tokenizer_only_through_the_frozen_dit_pass():
@@ -61,17 +65,18 @@ def test_alignment_reaches_the_tokenizer_only_through_the_frozen_dit_pass():
     parts = model.losses(_batch(), 8, recon_k=8)
     parts["align_tok"].backward(retain_graph=True)
     encoder = ("patch_embed", "enc_pos", "slots", "encoder", "bottleneck")
-    grads = _grads(model.tokenizer)
+    grads = _grads(_tok(model))
     assert all(g > 0 for n, g in grads.items() if n.startswith(encoder)), grads
     assert all(g == 0.0 for n, g in grads.items() if not n.startswith(encoder)), grads  # decoder side
-    assert all(g == 0.0 for g in _grads(model.dit).values())
+    assert all(g == 0.0 for g in _grads(model.generator.dit).values())
     assert all(g == 0.0 for g in _grads(model.projector).values())
     model.zero_grad(set_to_none=True)
     parts["align_dit"].backward()
-    assert all(g == 0.0 for g in _grads(model.tokenizer).values())
-    assert sum(_grads(model.projector).values()) > 0 and sum(_grads(model.dit).values()) > 0
+    assert all(g == 0.0 for g in _grads(_tok(model)).values())
+    assert sum(_grads(model.projector).values()) > 0 and sum(_grads(model.generator.dit).values()) > 0
     # The DiT parameters are trainable again after the frozen pass.
-    assert all(p.requires_grad for p in [*model.dit.parameters(), *model.projector.parameters()])
+    params = [*model.generator.dit.parameters(), *model.projector.parameters()]
+    assert all(p.requires_grad for p in params)
 
 
 def test_every_trainable_parameter_gets_a_gradient_and_frozen_parts_none():
@@ -80,53 +85,45 @@ def test_every_trainable_parameter_gets_a_gradient_and_frozen_parts_none():
     missing = [n for n, g in _grads(model).items() if g == 0.0]
     assert not missing
     frozen = [n for n, p in model.named_parameters() if not p.requires_grad]
-    assert "merger.e" in frozen and all(n == "merger.e" or n.startswith("target.") for n in frozen)
+    assert frozen and all(n.startswith("target.") for n in frozen)
     assert all(p.grad is None for n, p in model.named_parameters() if n in frozen)
     assert not model.target.training
 
 
-def test_the_merge_pattern_stays_the_contract():
+def test_the_merge_pattern_is_one_frozen_object_shared_by_both_stages():
     model = _joint()
-    before = model.merger.table().assign
+    gen = model.generator
+    assert gen.tokenizer.pattern is gen.pattern  # one representation, not two kept in step
+    before = {k: gen.pattern.assignment(k).clone() for k in gen.ks}
     for _ in range(2):
         model.losses(_batch(), 8, recon_k=4)["loss"].backward()
         with torch.no_grad():
             for p in model.parameters():
                 if p.grad is not None:
                     p.sub_(0.1 * p.grad)
-    model.check_contract()
-    assert all(torch.equal(before[k], model.merger.table().assign[k]) for k in before)
-    other = int((model.assign_8 != model.assign_8[0]).nonzero()[0])
-    model.assign_8[[0, other]] = model.assign_8[[other, 0]]  # move two slots across clusters
-    with pytest.raises(ValueError, match="pattern mismatch at K=8"):
-        model.check_contract()
+    assert all(torch.equal(before[k], gen.pattern.assignment(k)) for k in before)
 
 
 def test_running_statistics_follow_the_batch_with_momentum():
     model = _joint()
     z = torch.randn(4, 32, 16) * 3 + 2
-    old = model.latent_mean.clone()
+    gen = model.generator
+    old_mean, old_var = gen.latent_mean.clone(), gen.latent_std.square()
     out = model.normalise(z)  # training: batch statistics
     torch.testing.assert_close(out.mean((0, 1)), torch.zeros(16), atol=1e-5, rtol=0)
     m = model.spec.bn_momentum
-    torch.testing.assert_close(model.latent_mean, (1 - m) * old + m * z.mean((0, 1)))
+    torch.testing.assert_close(gen.latent_mean, (1 - m) * old_mean + m * z.mean((0, 1)))
+    torch.testing.assert_close(gen.latent_std.square(), (1 - m) * old_var + m * z.var((0, 1)))
     model.eval()
-    torch.testing.assert_close(model.normalise(z), (z - model.latent_mean) / model.latent_std)
+    torch.testing.assert_close(model.normalise(z), (z - gen.latent_mean) / gen.latent_std)
 
 
 def test_optimizer_groups_carry_the_part_learning_rates():
-    from vlt.lit import PartLR
-
     model = _joint(part_lr=PartLR(tokenizer=1e-5, dit=None, projector=1e-2))
 
-    class _Trainer:
-        max_steps = 10
-
-    model._trainer = _Trainer()  # configure_optimizers reads only max_steps
-    opt = model.configure_optimizers()["optimizer"]
-    lrs = {id(p): g["initial_lr"] for g in opt.param_groups for p in g["params"]}
-    assert lrs[id(model.tokenizer.patch_embed.weight)] == 1e-5
-    assert lrs[id(model.dit.x_embed.weight)] == model.optim_spec.lr
+    lrs = {id(p): g["lr"] for g in model.param_groups() for p in g["params"]}
+    assert lrs[id(_tok(model).patch_embed.weight)] == 1e-5
+    assert lrs[id(model.generator.dit.x_embed.weight)] == model.hparams.optim.lr
     assert lrs[id(model.projector.net[0].weight)] == 1e-2
     assert len(lrs) == sum(p.requires_grad for p in model.parameters())
 
@@ -150,7 +147,7 @@ def test_file_encoder_is_frozen_adapted_and_never_saved(tmp_path):
     assert feats.shape == (4, 32, 12) and not feats.requires_grad
     assert not any(key.startswith("target.") for key in model.state_dict())
     model.losses(_batch(), 8, recon_k=8)["align_tok"].backward()
-    assert _grads(model.tokenizer)["patch_embed.weight"] > 0
+    assert _grads(_tok(model))["patch_embed.weight"] > 0
     with pytest.raises(ValueError, match="does not exist"):
         _joint(align_encoder=AlignEncoderSpec(kind="file", path=str(tmp_path / "missing.pt")))
     with pytest.raises(ValueError, match=r"align_encoder\.kind"):
@@ -160,7 +157,7 @@ def test_file_encoder_is_frozen_adapted_and_never_saved(tmp_path):
 def test_stage1_encoder_is_a_frozen_copy():
     model = _joint()
     sd = model.state_dict()
-    assert torch.equal(sd["target.net.slots"], sd["tokenizer.slots"])
+    assert torch.equal(sd["target.net.slots"], sd["generator.tokenizer.net.slots"])
     assert not any(p.requires_grad for p in model.target.parameters())
     model.train()
     assert not model.target.training
@@ -199,31 +196,25 @@ def test_fit_resume_export_and_sample(tmp_path, tiny_shards, tiny_tokenizer, tin
     assert {row.split(",")[0] for row in curve[1:]} >= {"0", "4"}  # before (at_fit_start) and after
     vlt([*args, "--trainer.max_steps=6", "--ckpt_path=last"])  # resume
     last = run / "checkpoints" / "last.ckpt"
-    ckpt = torch.load(last, map_location="cpu", weights_only=False)
-    assert ckpt["global_step"] == 6
+    ckpt = torch.load(last, map_location="cpu", weights_only=True)
+    assert ckpt["global_step"] == 6 and ckpt["vlt_stage"] == "joint"
     assert any(key.startswith("target.") for key in ckpt["state_dict"])  # the frozen stage-1 copy
     tok_init.unlink()
     dit_init.unlink()
     final = LitJoint.load_from_checkpoint(last, map_location="cpu")  # without the init files
     for key, value in final.state_dict().items():
         assert torch.equal(value, ckpt["state_dict"][key]), key
-    final.check_contract()
+    gen = vlt_load(str(last))  # the stage object of a joint checkpoint: a generator
+    torch.testing.assert_close(gen.latent_std, final.generator.latent_std)
 
     export = run / "export"
-    tok = LitTokenizer.load_from_checkpoint(export / "tokenizer.ckpt", map_location="cpu")
-    dit = LitDiT.load_from_checkpoint(export / "dit.ckpt", map_location="cpu")
-    for k in dit.ks:
-        assert torch.equal(getattr(dit, f"assign_{k}"), tok.merge_table().assign[k])
-    stored = torch.load(export / "tokenizer.ckpt", map_location="cpu", weights_only=False)["merge_table"]
-    assert sorted(int(k) for k in stored["assign"]) == dit.ks
-    assert not any("target" in key for key in dit.state_dict()) and not any(
-        key.startswith("target.") for key in tok.state_dict()
-    )
-    assert dit.hparams.tokenizer == str((export / "tokenizer.ckpt").resolve())
-    torch.testing.assert_close(dit.latent_std, final.latent_std)
-    torch.testing.assert_close(tok.tokenizer.patch_embed.weight, final.tokenizer.patch_embed.weight)
+    exported, tok = vlt_load(str(export / "generator")), vlt_load(str(export / "tokenizer"))
+    assert exported.pattern.equal(tok.pattern) and exported.ks == final.ks
+    assert not any("target" in key for key in exported.state_dict())
+    torch.testing.assert_close(exported.latent_std, final.generator.latent_std)
+    torch.testing.assert_close(tok.net.patch_embed.weight, final.generator.tokenizer.net.patch_embed.weight)
 
-    from vlt.sampling import sample
+    from vlt.tools.sample import sample
 
-    written = sample(dit=str(export / "dit.ckpt"), k=[4, 32], count=2, steps=2, out=str(tmp_path / "s"))
+    written = sample(dit=str(export / "generator"), k=[4, 32], count=2, steps=2, out=str(tmp_path / "s"))
     assert all(p.is_file() for p in written) and len(written) == 4

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from vlt.models.baselines import bipartite_assignment
-from vlt.models.merge_ops import MergeTable
 from vlt.models.merging import Merger, alignment_loss, hierarchy, straight_through
+from vlt.models.pattern import MergePattern
 from vlt.nn.attention import Attention, size_bias
 
 N, C, GRID = 32, 16, (1, 4, 8, 16, 32)
@@ -29,7 +29,7 @@ def test_hierarchy_is_nested_with_exact_counts(noise: float, blocks: int) -> Non
             # Numbered by smallest member: first occurrences appear in order 0, 1, 2, ...
             first = [int(a[: i + 1].max()) for i in range(N)]
             assert first == sorted(first) and a[0] == 0
-        assert MergeTable(n=N, assign=cuts).nested()
+        assert MergePattern(N, cuts).nested()
 
 
 def test_block_restriction_keeps_clusters_inside_blocks() -> None:
@@ -67,9 +67,10 @@ def test_merge_unmerge_round_trip_and_sizes(k: int) -> None:
     torch.testing.assert_close(m(out.z_hat, k).tokens, out.tokens)  # merge(unmerge(t)) == t
     # Mass is conserved: size-weighted token sum equals the slot sum.
     torch.testing.assert_close((out.sizes[None, :, None] * out.tokens).sum(1), z.sum(1))
-    table = m.table()
-    assert table.ks == [4, 8, 16, 32] and table.nested()
-    torch.testing.assert_close(table.merge(z, k), out.tokens)
+    pattern = m.pattern()
+    assert pattern.ks == [4, 8, 16, 32] and pattern.nested() and pattern.kind == "lgm"
+    torch.testing.assert_close(pattern.merge(z, k), out.tokens)
+    torch.testing.assert_close(pattern.unmerge(out.tokens), out.z_hat)
 
 
 def test_k_equal_n_is_identity_in_every_mode() -> None:
@@ -95,10 +96,10 @@ def test_straight_through_forward_is_hard_and_gradient_reaches_e() -> None:
 def test_eval_pattern_follows_updates_of_e() -> None:
     torch.manual_seed(0)
     m = _merger().eval()
-    before = m.table().assign[8].clone()
+    before = m.pattern().assignment(8).clone()
     with torch.no_grad():
         m.e.copy_(torch.randn_like(m.e))  # in place, like an optimizer step
-    after = m.table().assign[8]
+    after = m.pattern().assignment(8)
     assert torch.equal(after, hierarchy(m.e, [8])[8]) and not torch.equal(before, after)
 
 
@@ -114,7 +115,7 @@ def test_attention_on_unmerged_slots_equals_proportional_attention_on_merged_tok
     merged = attn(torch.cat([x, out.tokens], 1), bias)  # (B, P+K, D)
     torch.testing.assert_close(full[:, :p], merged[:, :p], atol=1e-5, rtol=1e-5)
     # Slot queries see the same thing as their merged token's query.
-    assign = m.table().assign[k]
+    assign = m.pattern().assignment(k)
     torch.testing.assert_close(full[:, p:], merged[:, p:][:, assign], atol=1e-5, rtol=1e-5)
 
 
@@ -154,7 +155,12 @@ def test_nested_dropout_keeps_the_head_and_masks_the_tail() -> None:
     out = m(z, 4)
     assert torch.equal(out.tokens, z[:, :4]) and torch.equal(out.z_hat[:, :4], z[:, :4])
     assert (out.z_hat[:, 4:] == 7.0).all() and torch.equal(m.unmerge(out.tokens), out.z_hat)
-    assert m.table() is None
+    # The same scheme as a global pattern: the first K slots, sizes 1, the mask as the fill.
+    pattern = m.pattern()
+    assert pattern.kind == "nested" and pattern.nested() and torch.equal(pattern.sizes(4), torch.ones(4))
+    assert torch.equal(pattern.merge(z, 4), out.tokens)
+    assert torch.equal(pattern.unmerge(out.tokens, m.fill()), out.z_hat)
+    assert _merger("tome").pattern() is None
 
 
 def test_tome_merges_duplicate_pairs_and_is_per_image() -> None:

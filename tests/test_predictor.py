@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from vlt.adaptive.predictor import CurvePredictor, fit_predictor, load_predictor, predict, save_predictor
-from vlt.models.merge_ops import MergeTable
+from vlt.models.pattern import MergePattern
 
 N, C, GRID = 8, 4, [2, 4, 8]
 
@@ -20,7 +20,7 @@ def toy_data(s: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Te
 
 def test_predicted_curves_are_monotone_in_k():
     torch.manual_seed(0)
-    model = CurvePredictor(n_slots=N, channels=C, grid=GRID, width=16, table=MergeTable.contiguous(N, GRID))
+    model = CurvePredictor(n_slots=N, channels=C, grid=GRID, width=16, table=MergePattern.contiguous(N, GRID))
     for p in model.parameters():
         torch.nn.init.normal_(p, std=3.0)  # far from any trained state
     y = model(10 * torch.randn(64, N, C))  # (B, G)
@@ -32,7 +32,7 @@ def test_predictor_learns_and_beats_a_constant_curve():
     torch.manual_seed(0)
     g = torch.Generator().manual_seed(0)
     z, y = toy_data(768, g)
-    model = CurvePredictor(n_slots=N, channels=C, grid=GRID, width=32, table=MergeTable.contiguous(N, GRID))
+    model = CurvePredictor(n_slots=N, channels=C, grid=GRID, width=32, table=MergePattern.contiguous(N, GRID))
     losses = fit_predictor(model, z[:512], y[:512], steps=300, batch_size=128)
     assert sum(losses[-20:]) / 20 < 0.2 * sum(losses[:20]) / 20
     held = predict(model, z[512:])  # (256, G)
@@ -47,7 +47,7 @@ def test_predictor_learns_and_beats_a_constant_curve():
 def test_predictor_round_trips_and_refuses_other_data(tmp_path):
     torch.manual_seed(0)
     z, y = toy_data(64, torch.Generator().manual_seed(1))
-    for table in (MergeTable.contiguous(N, GRID), None):
+    for table in (MergePattern.contiguous(N, GRID), None):
         model = CurvePredictor(n_slots=N, channels=C, grid=GRID, width=16, table=table)
         fit_predictor(model, z, y, steps=5)
         path = save_predictor(tmp_path / "p.pt", model, {"data": 1})

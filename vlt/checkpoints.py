@@ -49,8 +49,15 @@ class WrongStageError(CheckpointError):
 
 
 def allow_project_classes() -> None:
-    """Register vlt's config dataclasses with torch's weights-only unpickler (importing them does it)."""
-    import vlt.lit  # noqa: F401  (the stage modules call `allow_in_checkpoints` at import)
+    """Register vlt's config dataclasses (the only classes a vlt checkpoint pickles) with torch's
+    weights-only unpickler. Imports no Lightning."""
+    from vlt.models.dit import DiTConfig
+    from vlt.models.tokenizer import TokenizerConfig
+    from vlt.objectives.flow import FlowSpec
+    from vlt.specs import AlignEncoderSpec, JointSpec, LossSpec, MergeSpec, OptimSpec, PartLR
+
+    classes = [TokenizerConfig, DiTConfig, FlowSpec, MergeSpec, LossSpec, OptimSpec, JointSpec, PartLR]
+    torch.serialization.add_safe_globals([*classes, AlignEncoderSpec])
 
 
 def _where(path: str | os.PathLike, config_key: str | None) -> str:

@@ -2,7 +2,8 @@
 
     vlt fit|validate|test|predict -c conf/<stage>/<preset>.yaml [--key=value ...]
     vlt data synthetic|photos|folder ...        build webdataset shards
-    vlt cache-latents ... / vlt sample ... / vlt curves ...   (stage tools, where installed)
+    vlt cache-latents ... / vlt sample ... / vlt curves ...   (stage tools)
+    vlt export CKPT OUT                                       stage checkpoint -> export folder(s)
     vlt allocate --cache <latents> --budget <mean K> ...      per-image K over the nested grid
 
 This is the only module that knows YAML exists. Config files are parsed by jsonargparse in
@@ -11,6 +12,7 @@ This is the only module that knows YAML exists. Config files are parsed by jsona
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import json
 import sys
@@ -28,8 +30,9 @@ from vlt.paths import check_name
 # Extra commands: name -> "module:function-or-list" resolved lazily, so `vlt fit` never imports them.
 TOOLS: dict[str, str] = {
     "data": "vlt.data.builders:COMMANDS",
-    "cache-latents": "vlt.data.latents:cache_latents",
-    "sample": "vlt.sampling:sample",
+    "cache-latents": "vlt.tools.cache_latents:cache_latents",
+    "sample": "vlt.tools.sample:sample",
+    "export": "vlt.tools.export:export_checkpoint",
     "curves": "vlt.callbacks.curves:curves",
     "allocate": "vlt.adaptive.command:allocate",
 }
@@ -72,14 +75,17 @@ class VLTCLI(LightningCLI):
         )
 
     def before_instantiate_classes(self) -> None:
-        """Give every run one fixed directory, runs_dir/name, unless the config sets its own.
+        """Give every run one fixed directory, runs_dir/name, unless the config sets its own, and let the
+        model read the shapes its sources define (`resolve_sources`: the cache's pattern, the stage
+        checkpoints' configs), so its constructor does no file I/O.
 
         Fixed (no timestamps, no version_N) so a requeued or resumed job finds its checkpoints, TensorBoard
         events and config.yaml in the same place.
         """
         config = self.config[self.subcommand] if self.subcommand else self.config
         run_dir = str(Path(config.runs_dir) / check_name(config.name, "--name"))
-        check_checkpoint_args(config.get("model"))
+        check_checkpoint_args(config.get("model"))  # before any of those files is read
+        resolve_model_sources(config)
         trainer = config.trainer
         if trainer.default_root_dir is None:
             trainer.default_root_dir = run_dir
@@ -104,7 +110,7 @@ def check_checkpoint_args(model: Any) -> None:
     init_args = (model.get("init_args") if hasattr(model, "get") else None) or {}
     for key, stage in CHECKPOINT_ARGS.items():
         value = init_args.get(key) if hasattr(init_args, "get") else None
-        if isinstance(value, str) and value:
+        if isinstance(value, str) and value and not Path(value).is_dir():  # a folder: a safetensors export
             load_checkpoint(value, expect=stage, config_key=f"model.init_args.{key}")
 
 
@@ -113,6 +119,29 @@ def check_ckpt_path(path: str | None, model: Any) -> None:
     stage = MODEL_STAGES.get(type(model).__name__)
     if path and path not in ("last", "best", "hpc") and stage is not None:
         load_checkpoint(path, expect=stage, config_key="--ckpt_path")
+
+
+def resolve_model_sources(config) -> None:
+    """Fill the model's init args that its class reads from files (a `resolve_sources` classmethod)."""
+    model = config.get("model")
+    if model is None or not isinstance(model.get("class_path"), str):
+        return
+    module, _, name = model.class_path.rpartition(".")
+    cls = getattr(importlib.import_module(module), name)
+    if not hasattr(cls, "resolve_sources"):
+        return
+    init_args = model.init_args
+    given = {key: init_args[key] for key in vars(init_args)}
+    for key, value in cls.resolve_sources(given).items():
+        if given.get(key) is None and value is not None:
+            init_args[key] = _as_config_value(value)
+
+
+def _as_config_value(value):
+    """Dataclass values become Namespaces, as jsonargparse holds parsed dataclass arguments."""
+    if dataclasses.is_dataclass(value):
+        return jsonargparse.Namespace(**{f.name: getattr(value, f.name) for f in dataclasses.fields(value)})
+    return value
 
 
 def _resolve(spec: str) -> Callable | list[Callable]:
@@ -135,6 +164,9 @@ def main(argv: list[str] | None = None) -> None:
         if tool == "curves":  # `vlt curves RUN_DIR [RUN_DIR ...]`: leading paths become --runs
             paths = [a for a in rest if not a.startswith("-")][: _leading_paths(rest)]
             rest = ([f"--runs={json.dumps(paths)}"] if paths else []) + rest[len(paths) :]
+        elif tool == "export":  # `vlt export CKPT OUT`: leading paths become --ckpt, --out
+            lead = rest[: min(_leading_paths(rest), 2)]
+            rest = [f"--{name}={value}" for name, value in zip(("ckpt", "out"), lead)] + rest[len(lead) :]
         jsonargparse.CLI(_resolve(TOOLS[tool]), args=rest, prog=f"vlt {tool}", as_positional=False)
         return
     if args and args[0] in ("-h", "--help"):

@@ -11,11 +11,10 @@ import torch
 
 from vlt import cli, runs
 from vlt.checkpoints import UnsafeCheckpointError, WrongStageError, checkpoint_stage, load_checkpoint
-from vlt.lit import LitTokenizer, MergeSpec
-from vlt.lit.dit import check_tokenizer
-from vlt.lit.joint_io import read_hparams
-from vlt.models.merge_ops import MergeTable
+from vlt.lit import LitDiT, LitJoint, LitTokenizer
 from vlt.models.tokenizer import TokenizerConfig
+from vlt.specs import MergeSpec
+from vlt.stages import load
 
 TINY = TokenizerConfig(
     width=32, heads=2, enc_depth=1, dec_depth=1, image_size=16, patch_size=4, n_slots=8, channels=4
@@ -51,10 +50,12 @@ def test_malicious_pickle_is_refused_by_every_loader(tmp_path):
     torch.save({"state_dict": {}, "hyper_parameters": {"x": Payload(marker)}}, evil, pickle_protocol=2)
     with pytest.raises(UnsafeCheckpointError, match=r"refused.*weights_only"):
         load_checkpoint(evil, config_key="model.init_args.tokenizer")
-    with pytest.raises(UnsafeCheckpointError, match=r"model\.init_args\.tokenizer="):
-        check_tokenizer(str(evil), MergeTable(n=8, assign={}))  # stage 2's setup check
     with pytest.raises(UnsafeCheckpointError):
-        read_hparams(str(evil))  # the joint fine-tune's init files
+        load(str(evil))  # vlt.load: every tool's loader (sample, cache-latents, export)
+    with pytest.raises(UnsafeCheckpointError):
+        LitDiT.resolve_sources({"tokenizer": str(evil)})  # stage 2 reads its tokenizer's config
+    with pytest.raises(UnsafeCheckpointError):
+        LitJoint.resolve_sources({"init_from_dit": str(evil)})  # the joint fine-tune's init files
     with pytest.raises(UnsafeCheckpointError, match="init_from_dit"):
         cli.check_checkpoint_args({"init_args": {"init_from_dit": str(evil)}})
     assert not marker.exists(), "code ran from the checkpoint"

@@ -13,8 +13,9 @@ from tests.robustness.conftest import write_shard
 from vlt.callbacks.finite import FiniteGuard, NonFiniteError
 from vlt.checkpoints import load_checkpoint
 from vlt.data import WebDataModule
-from vlt.lit import LitTokenizer, MergeSpec, OptimSpec
+from vlt.lit import LitTokenizer
 from vlt.models.tokenizer import TokenizerConfig
+from vlt.specs import MergeSpec, OptimSpec
 
 TINY = TokenizerConfig(
     width=32, heads=2, enc_depth=1, dec_depth=1, image_size=16, patch_size=4, n_slots=8, channels=4

@@ -27,8 +27,7 @@ import torch
 from scipy.stats import spearmanr
 
 from vlt.adaptive import allocation as A
-from vlt.adaptive.distortion import Curves, load_curves
-from vlt.adaptive.store import save_allocation
+from vlt.data.cache import Curves, LatentCache
 
 Rule = Literal["lagrangian", "threshold"]
 Source = Literal["search", "predictor"]
@@ -106,6 +105,49 @@ def agreement(curves: Curves, predicted: torch.Tensor, searched: torch.Tensor) -
     }
 
 
+def _predicted(root: Path, curves: dict, distortion: str, steps: int, width: int, seed: int):
+    """Distortions (S, G) per split from the single-pass predictor's curves, and its report."""
+    from vlt.adaptive.predictor import predicted_curves
+
+    pred, report = predicted_curves(root, curves, steps=steps, width=width, seed=seed)
+    return {s: to_distortion(p, distortion) for s, p in pred.items()}, report
+
+
+def _check_args(rule: str, cost: str, source: str, distortion: str, budget, tau) -> None:
+    _check("rule", rule, get_args(Rule))
+    _check("cost", cost, A.COSTS)
+    _check("source", source, get_args(Source))
+    _check("distortion", distortion, get_args(Distortion))
+    if rule == "lagrangian" and budget is None:
+        raise ValueError("rule='lagrangian' needs --budget (a mean K, e.g. 8)")
+    if rule == "threshold" and tau is None:
+        raise ValueError("rule='threshold' needs --tau (a PSNR in dB)")
+
+
+def _meta(curves: dict[str, Curves], ks: dict[str, torch.Tensor], args: dict) -> dict:
+    """allocation.json: the rule's arguments, p(K | class) on train, and per-split summaries."""
+    labels = {s: torch.as_tensor(c.label) for s, c in curves.items()}
+    num_classes = args["num_classes"] or max(int(max(lab.max() for lab in labels.values())) + 1, 1)
+    budget, cost, grid = args["budget"], args["cost"], args["grid"]
+    stats = {s: summarise(curves[s], ks[s], cost) for s in SPLITS}
+    meta = {
+        "rule": args["rule"], "cost": cost, "budget": budget, "requested_budget": budget,
+        "lambda": args["lam"], "tau": args["tau"], "grid": grid, "distortion": args["distortion"],
+        "source": args["source"], "num_classes": num_classes,
+        "p_k_given_class": A.k_histogram(ks["train"], labels["train"], grid, num_classes).tolist(),
+        "samples": {s: len(curves[s].keys) for s in SPLITS},
+    }  # fmt: skip
+    names = ("mean_k", "mean_cost", "psnr", "fixed_psnr", "pooled_psnr", "fixed_pooled_psnr", "spearman")
+    meta |= {name: {s: stats[s][name] for s in SPLITS} for name in names}
+    if budget is not None:
+        meta["fixed_at_budget"] = {s: fixed_at(stats[s]["fixed_psnr"], budget, cost) for s in SPLITS}
+    # lambda comes from train: on a shifted split the achieved mean can miss the budget either way.
+    meta["fixed_at_achieved"] = {
+        s: fixed_at(stats[s]["fixed_psnr"], stats[s]["mean_cost"], cost) for s in SPLITS
+    }
+    return meta
+
+
 def allocate(
     *,
     cache: str,
@@ -140,63 +182,28 @@ def allocate(
     Returns:
         The allocation.json content.
     """
-    _check("rule", rule, get_args(Rule))
-    _check("cost", cost, A.COSTS)
-    _check("source", source, get_args(Source))
-    _check("distortion", distortion, get_args(Distortion))
-    if rule == "lagrangian" and budget is None:
-        raise ValueError("rule='lagrangian' needs --budget (a mean K, e.g. 8)")
-    if rule == "threshold" and tau is None:
-        raise ValueError("rule='threshold' needs --tau (a PSNR in dB)")
+    _check_args(rule, cost, source, distortion, budget, tau)
     root = Path(cache)
-    curves = {split: load_curves(root, split) for split in SPLITS}
+    curves = {split: LatentCache(root).curves(split) for split in SPLITS}
     grid = A.check_grid(curves["train"].grid)
     if curves["val"].grid != grid:
         raise ValueError(f"train grid {grid} and val grid {curves['val'].grid} differ in {root}")
     true_d = {s: to_distortion(c.psnr, distortion) for s, c in curves.items()}  # (S, G) each
     d, report = true_d, None
     if source == "predictor":
-        from vlt.adaptive.predictor import predicted_curves
-
-        pred, report = predicted_curves(root, curves, steps=predictor_steps, width=predictor_width, seed=seed)
-        d = {s: to_distortion(p, distortion) for s, p in pred.items()}
+        d, report = _predicted(root, curves, distortion, predictor_steps, predictor_width, seed)
     lam = A.solve_lambda(d["train"], grid, budget, cost) if rule == "lagrangian" else None
     ks = {s: _choose(d[s], grid, rule, lam, tau, cost, distortion) for s in SPLITS}
-    labels = {s: torch.as_tensor(c.label) for s, c in curves.items()}
-    num_classes = num_classes or max(int(max(lab.max() for lab in labels.values())) + 1, 1)
-    stats = {s: summarise(curves[s], ks[s], cost) for s in SPLITS}
-    meta = {
-        "rule": rule,
-        "cost": cost,
-        "budget": budget,
-        "requested_budget": budget,
-        "lambda": lam,
-        "tau": tau,
-        "grid": grid,
-        "distortion": distortion,
-        "source": source,
-        "num_classes": num_classes,
-        "p_k_given_class": A.k_histogram(ks["train"], labels["train"], grid, num_classes).tolist(),
-        "samples": {s: len(curves[s].keys) for s in SPLITS},
-        **{name: {s: stats[s][name] for s in SPLITS} for name in ("mean_k", "mean_cost", "psnr")},
-        "fixed_psnr": {s: stats[s]["fixed_psnr"] for s in SPLITS},
-        "pooled_psnr": {s: stats[s]["pooled_psnr"] for s in SPLITS},
-        "fixed_pooled_psnr": {s: stats[s]["fixed_pooled_psnr"] for s in SPLITS},
-        "spearman": {s: stats[s]["spearman"] for s in SPLITS},
-    }
-    if budget is not None:
-        meta["fixed_at_budget"] = {s: fixed_at(stats[s]["fixed_psnr"], budget, cost) for s in SPLITS}
-    # lambda comes from train: on a shifted split the achieved mean can miss the budget either way.
-    meta["fixed_at_achieved"] = {
-        s: fixed_at(stats[s]["fixed_psnr"], stats[s]["mean_cost"], cost) for s in SPLITS
-    }
+    meta = _meta(curves, ks, dict(rule=rule, cost=cost, budget=budget, lam=lam, tau=tau, grid=grid,
+                                  distortion=distortion, source=source, num_classes=num_classes))  # fmt: skip
     if report is not None:
         search_lam = _search_lambda(true_d, grid, rule, budget, cost)
         searched = _choose(true_d["val"], grid, rule, search_lam, tau, cost, distortion)
         meta["predictor"] = {**report, "val": agreement(curves["val"], ks["val"], searched)}
-    save_allocation(root, meta, {s: (curves[s].keys, ks[s].numpy()) for s in SPLITS})
-    level = f"b{budget:g}" if rule == "lagrangian" else f"tau{tau:g}"
-    run_name = f"{rule}-{cost}-{level}-{distortion}-{source}"
+    LatentCache(root).save_allocation(meta, {s: (curves[s].keys, ks[s].numpy()) for s in SPLITS})
+    run_name = (
+        f"{rule}-{cost}-{f'b{budget:g}' if rule == 'lagrangian' else f'tau{tau:g}'}-{distortion}-{source}"
+    )
     write_histograms(Path(log_dir) if log_dir else root / "tb", run_name, curves, ks, meta)
     print(table(meta))
     return meta

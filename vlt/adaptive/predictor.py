@@ -24,7 +24,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from vlt.models.merge_ops import MergeTable
+from vlt.data.cache import LatentCache
+from vlt.models.pattern import MergePattern
 
 
 class CurvePredictor(nn.Module):
@@ -44,7 +45,7 @@ class CurvePredictor(nn.Module):
         channels: int,
         grid: list[int],
         width: int = 64,
-        table: MergeTable | None = None,
+        table: MergePattern | None = None,
     ) -> None:
         super().__init__()
         self.n_slots, self.channels, self.grid, self.width = n_slots, channels, list(grid), width
@@ -165,7 +166,7 @@ def load_predictor(path: str | Path, fingerprint: dict) -> CurvePredictor | None
 def read_latents(cache: str | Path, split: str, keys: list[str]) -> Tensor:
     """Cached full latents (S, N, C) of one split, in the order of `keys` (all ranks' shards)."""
     found: dict[str, np.ndarray] = {}
-    for shard in sorted(Path(cache).glob(f"{split}-r*-*.tar")):
+    for shard in LatentCache(cache).shard_files(split):
         with tarfile.open(shard) as tar:
             for member in tar:
                 if member.name.endswith(".latent.npy"):
@@ -187,8 +188,7 @@ def predicted_curves(
     constant mean-curve baseline, whether it trained, the final loss).
     """
     root, train = Path(cache), curves["train"]
-    table_path = root / "merge_table.json"
-    table = MergeTable.load(table_path) if table_path.exists() else None
+    table = LatentCache(root).pattern() if LatentCache(root).has_pattern() else None
     fingerprint = {
         "grid": [int(k) for k in train.grid],
         "train_samples": len(train.keys),

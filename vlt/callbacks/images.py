@@ -79,11 +79,11 @@ class ReconstructionImages(pl.Callback):
             image_rows(rows),
             step,
         )
-        table = pl_module.merge_table()
-        if table is not None:
+        pattern = pl_module.pattern()
+        if pattern is not None:
             writer.add_image(
                 "images/merge_pattern (rows: K, columns: slots)",
-                pattern_picture(table.assign),
+                pattern_picture({k: pattern.assignment(k).cpu() for k in pattern.ks}),
                 step,
                 dataformats="HWC",
             )
@@ -106,10 +106,11 @@ class SampleImages(pl.Callback):
         writer = _tensorboard(trainer)
         if writer is None or not trainer.is_global_zero or trainer.sanity_checking:
             return
-        labels = torch.arange(self.num_classes) % pl_module.dit.cfg.num_classes
+        model = pl_module.generator
+        labels = torch.arange(self.num_classes) % model.dit.cfg.num_classes
         rows = []
-        for k in pl_module.ks:
+        for k in model.ks:
             gen = torch.Generator().manual_seed(self.seed)
-            rows.append(pl_module.generate(labels, k, steps=self.steps, generator=gen))
-        name = "images/samples (rows: K=" + ",".join(map(str, pl_module.ks)) + ", columns: class)"
+            rows.append(model.generate(labels, k, steps=self.steps, generator=gen))
+        name = "images/samples (rows: K=" + ",".join(map(str, model.ks)) + ", columns: class)"
         writer.add_image(name, image_rows(rows), trainer.global_step)

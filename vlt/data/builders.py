@@ -108,6 +108,36 @@ def synthetic(
         return _finish("synthetic", writer, info, 0, t0)
 
 
+def _photo_sources(val_sources: list[str] | None) -> tuple[list[str], dict, dict]:
+    """All known photo names, the loaded photos of each split (val: val_sources), the failed ones."""
+    names = [*photo_lib.SKIMAGE_PHOTOS, *photo_lib.SKLEARN_PHOTOS]
+    val_names = ["coffee", "flower"] if val_sources is None else list(val_sources)
+    unknown = sorted(set(val_names) - set(names))
+    if unknown:
+        raise ValueError(f"val_sources {unknown} are not known photos; choose from {names}")
+    loaded, failed = photo_lib.load_photos()
+    print(
+        "".join(f"photos: skipping source {name!r} ({reason})\n" for name, reason in failed.items()), end=""
+    )
+    by_split = {s: [p for p in loaded if (p.name in val_names) == (s == "val")] for s in ("train", "val")}
+    return names, by_split, failed
+
+
+def _write_crops(
+    writer, by_split: dict, names: list[str], counts: dict, crop_args: dict, seed: int, progress: bool
+):
+    """Round-robin random crops of each split's source photos (label = index of the source)."""
+    jobs = [(split, i) for split in ("train", "val") for i in range(counts[split] if by_split[split] else 0)]
+    for split, i in tqdm(jobs, desc="photos", disable=not progress, leave=False):
+        src = by_split[split][i % len(by_split[split])]
+        rng = np.random.default_rng([seed, 0 if split == "train" else 1, i])
+        crop = photo_lib.random_crop(src.pixels, rng, **crop_args)
+        meta = {"complexity": photo_lib.edge_complexity(crop), "source": src.name}
+        writer.write(
+            split, f"{split}_{i:06d}", image=_png(crop), ext="png", label=names.index(src.name), meta=meta
+        )
+
+
 def photos(
     out: str = "data/photos/shards",
     n_train: int = 3000,
@@ -141,28 +171,11 @@ def photos(
         progress: show a progress bar.
     """
     t0 = time.perf_counter()
-    names = [*photo_lib.SKIMAGE_PHOTOS, *photo_lib.SKLEARN_PHOTOS]
-    val_names = ["coffee", "flower"] if val_sources is None else list(val_sources)
-    unknown = sorted(set(val_names) - set(names))
-    if unknown:
-        raise ValueError(f"val_sources {unknown} are not known photos; choose from {names}")
-    loaded, failed = photo_lib.load_photos()
-    for name, reason in failed.items():
-        print(f"photos: skipping source {name!r} ({reason})")
-    by_split = {s: [p for p in loaded if (p.name in val_names) == (s == "val")] for s in ("train", "val")}
+    names, by_split, failed = _photo_sources(val_sources)
     with SplitWriter(out, shard_size=shard_size) as writer:
-        jobs = [("train", i) for i in range(n_train if by_split["train"] else 0)]
-        jobs += [("val", i) for i in range(n_val if by_split["val"] else 0)]
-        for split, i in tqdm(jobs, desc="photos", disable=not progress, leave=False):
-            src = by_split[split][i % len(by_split[split])]
-            rng = np.random.default_rng([seed, 0 if split == "train" else 1, i])
-            crop = photo_lib.random_crop(
-                src.pixels, rng, size=image_size, min_scale=min_scale, max_scale=max_scale
-            )
-            meta = {"complexity": photo_lib.edge_complexity(crop), "source": src.name}
-            writer.write(
-                split, f"{split}_{i:06d}", image=_png(crop), ext="png", label=names.index(src.name), meta=meta
-            )
+        crop_args = {"size": image_size, "min_scale": min_scale, "max_scale": max_scale}
+        counts = {"train": n_train, "val": n_val}
+        _write_crops(writer, by_split, names, counts, crop_args, seed, progress)
         info = {
             "builder": "photos",
             "image_size": image_size,

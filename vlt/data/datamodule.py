@@ -25,7 +25,7 @@ import lightning as L
 import webdataset as wds
 from lightning.pytorch.callbacks import Callback
 
-from vlt.adaptive.store import load_allocation, load_ks
+from vlt.data.cache import load_allocation, load_ks
 from vlt.data.seeds import SeededShuffle, rank_seed, worker_seed
 from vlt.data.shards import resolve_shards, shard_info
 from vlt.data.stream import (

@@ -43,8 +43,8 @@ def check_labels(
 
 
 def model_classes(module: Any) -> int | None:
-    """Classes of a stage module's label embedding (its DiT), or None for modules without labels."""
-    cfg = getattr(getattr(module, "dit", None), "cfg", None)
+    """Classes of a stage module's label embedding (its generator's DiT), or None without labels."""
+    cfg = getattr(getattr(getattr(module, "generator", module), "dit", None), "cfg", None)
     return getattr(cfg, "num_classes", None)
 
 

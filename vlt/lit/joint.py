@@ -2,98 +2,59 @@
 
 Letters: B batch, N slots, K merged tokens, C channels, D DiT width, F alignment feature width.
 
-Back-propagating the diffusion loss into the tokenizer collapses the latent (REPA-E), so each step
-combines three losses with three different gradient paths:
+The model is a `LatentGenerator` whose tokenizer trains too. Back-propagating the diffusion loss
+into the tokenizer collapses the latent (REPA-E), so each step combines three losses with three
+gradient paths:
   - diffusion: the DiT learns the flow on merged latents of the LIVE tokenizer, built from z.detach()
     (stop-gradient for the tokenizer);
   - alignment (REPA): DiT hidden tokens after block `align_depth`, projected to width F, against the
-    frozen encoder's features merged with the same Gbar_K. It runs twice on one noise draw: on the
+    frozen encoder's features merged with the same pattern. It runs twice on one noise draw: on the
     detached x_t to train the DiT and the projector, and on the live x_t with the DiT and projector
     parameters out of autograd (`frozen_params`), so only the tokenizer learns from that pass;
   - reconstruction: the tokenizer's own L2 + KL at a K drawn from its grid.
 Latents are normalised BatchNorm-style: batch statistics (treated as constants) in training, running
-statistics updated with momentum, used in eval and exported as the DiT's latent_mean/std. The merge
-embeddings are frozen: the global pattern is the contract between the stages, so the tokenizer's
-table and the DiT's assign buffers stay identical (`check_contract`).
+statistics updated with momentum into the generator's latent_mean / latent_std, used in eval. The
+global pattern is the contract between the stages, so it is frozen: one MergePattern serves the
+tokenizer and the DiT. A checkpoint is a generator checkpoint (`vlt.load` samples from it); at the end
+of fit the generator and its tokenizer are exported to <run>/export/{generator,tokenizer}.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict
 from pathlib import Path
-from typing import Literal
+from typing import Any
 
 import lightning as L
 import torch
 from torch import Tensor, nn
 from torchmetrics import MeanMetric
 
-from vlt.lit.dit import FlowSpec, PatternBuffers
-from vlt.lit.joint_io import export_stages, init_weights, read_hparams
-from vlt.lit.specs import LossSpec, MergeSpec, OptimSpec, allow_in_checkpoints, param_groups
-from vlt.metrics.rate import transformer_flops
+from vlt.lit.dit import init_args
 from vlt.models.align import FileFeatures, Projector, SlotFeatures, alignment_loss, frozen_params
-from vlt.models.dit import DiT, DiTConfig
-from vlt.models.merge_ops import column_normalise, merge, one_hot, unmerge
-from vlt.models.merging import Merger
-from vlt.models.tokenizer import Tokenizer, TokenizerConfig
-from vlt.objectives.flow import RectifiedFlow
+from vlt.models.dit import DiTConfig
+from vlt.models.pattern import PatternKind
+from vlt.models.tokenizer import TokenizerConfig
+from vlt.objectives.flow import FlowSpec
 from vlt.objectives.recon import ReconLoss, psnr
+from vlt.specs import AlignEncoderSpec, JointSpec, LossSpec, MergeSpec, OptimSpec, PartLR, param_groups
+from vlt.stages import export, load
+from vlt.stages.export import build_generator, read_checkpoint
 
 ENCODER_KINDS: tuple[str, ...] = ("stage1", "file")
 
 
-@dataclass
-class JointSpec:
-    """Loss weights and knobs of the joint step.
+class LitJoint(L.LightningModule):
+    """Generator (DiT + trainable tokenizer, frozen pattern) + projector, fine-tuned together on images.
 
     Args:
-        diffusion, align, recon: loss weights (REPA-E uses 1.0 / 0.5 / 1.0).
-        align_depth: DiT block whose output is aligned (None: max(1, depth // 2)).
-        projector_hidden: hidden width of the projector MLP.
-        bn_momentum: momentum of the running latent statistics (BatchNorm's convention).
-    """
-
-    diffusion: float = 1.0
-    align: float = 0.5
-    recon: float = 1.0
-    align_depth: int | None = None
-    projector_hidden: int = 2048
-    bn_momentum: float = 0.1
-
-
-@dataclass
-class PartLR:
-    """Peak learning rate per part; None takes `optim.lr`. All follow `optim`'s schedule."""
-
-    tokenizer: float | None = None
-    dit: float | None = None
-    projector: float | None = None
-
-
-@dataclass
-class AlignEncoderSpec:
-    """The frozen alignment target. kind "stage1": a frozen copy of the initial stage-1 encoder
-    (`features` hidden or latent); kind "file": a `torch.jit` encoder at `path` (see FileFeatures)."""
-
-    kind: Literal["stage1", "file"] = "stage1"
-    features: Literal["hidden", "latent"] = "hidden"
-    path: str | None = None
-    image_size: int | None = None
-
-
-allow_in_checkpoints(JointSpec, PartLR, AlignEncoderSpec, TokenizerConfig, DiTConfig, FlowSpec)
-
-
-class LitJoint(PatternBuffers, L.LightningModule):
-    """Tokenizer + frozen merger + DiT + projector, fine-tuned together on image batches.
-
-    Args:
-        init_from_tokenizer, init_from_dit: stage-1 / stage-2 checkpoints loaded at the start of a new
-            fit (not when resuming with --ckpt_path, whose weights win); their configs fill any of
-            tokenizer, merge, loss, dit, ks, k_cycle, flow left None and are saved in hparams.
+        init_from_tokenizer, init_from_dit: stage-1 and stage-2 checkpoints read at the start of a new
+            fit (not when resuming with --ckpt_path).
+        tokenizer, merge, loss, dit: the stage configs; None (the usual case) takes them from the init
+            checkpoints: the CLI and `from_checkpoints` fill them (`resolve_sources`), as they fill ks,
+            pattern_kind, k_cycle and flow.
         ks: the K values the DiT serves; k_cycle: one K per step, cycled.
-        joint, part_lr, align_encoder, optim: see the dataclasses.
+        joint, part_lr, align_encoder, optim: see the dataclasses in `vlt.specs`.
     """
 
     def __init__(
@@ -106,46 +67,34 @@ class LitJoint(PatternBuffers, L.LightningModule):
         loss: LossSpec | None = None,
         dit: DiTConfig | None = None,
         ks: list[int] | None = None,
+        pattern_kind: PatternKind = "contiguous",
         k_cycle: list[int] | None = None,
-        flow: FlowSpec | None = None,
-        joint: JointSpec | None = None,
-        part_lr: PartLR | None = None,
-        align_encoder: AlignEncoderSpec | None = None,
-        optim: OptimSpec | None = None,
+        flow: FlowSpec = FlowSpec(),  # noqa: B008
+        joint: JointSpec = JointSpec(),  # noqa: B008 (config values, never mutated)
+        part_lr: PartLR = PartLR(),  # noqa: B008
+        align_encoder: AlignEncoderSpec = AlignEncoderSpec(),  # noqa: B008
+        optim: OptimSpec = OptimSpec(lr=1e-4),  # noqa: B008
     ) -> None:
         super().__init__()
-        tok_h = read_hparams(init_from_tokenizer) if None in (tokenizer, merge, loss) else {}
-        dit_h = read_hparams(init_from_dit) if None in (dit, ks, flow) else {}
-        tokenizer = tokenizer or tok_h.get("tokenizer") or TokenizerConfig()
-        merge, loss = merge or tok_h.get("merge") or MergeSpec(), loss or tok_h.get("loss") or LossSpec()
-        dit, flow = dit or dit_h.get("dit") or DiTConfig(), flow or dit_h.get("flow") or FlowSpec()
-        ks = sorted(ks or dit_h.get("ks") or merge.grid)
-        k_cycle = k_cycle or dit_h.get("k_cycle") or ks
-        joint, part_lr = joint or JointSpec(), part_lr or PartLR()
-        align_encoder, optim = align_encoder or AlignEncoderSpec(), optim or OptimSpec(lr=1e-4)
+        self.save_hyperparameters(init_args(locals()))
+        if tokenizer is None or dit is None:
+            raise ValueError(
+                "LitJoint needs the tokenizer and DiT configs: name init_from_tokenizer/init_from_dit and "
+                "build it with the CLI or LitJoint.from_checkpoints (which read them), or pass them"
+            )
+        merge, loss = merge or MergeSpec(grid=ks or [dit.n_slots]), loss or LossSpec()
         if align_encoder.kind not in ENCODER_KINDS:
             raise ValueError(
                 f"unknown align_encoder.kind {align_encoder.kind!r}; choose one of {ENCODER_KINDS}"
             )
-        if (tokenizer.n_slots, tokenizer.channels) != (dit.n_slots, dit.channels):
-            raise ValueError(
-                f"tokenizer latents are {tokenizer.n_slots}x{tokenizer.channels} but the DiT expects "
-                f"N={dit.n_slots}, C={dit.channels}"
-            )
-        hparams = dict(
-            init_from_tokenizer=init_from_tokenizer, init_from_dit=init_from_dit, tokenizer=tokenizer,
-            merge=merge, loss=loss, dit=dit, ks=ks, k_cycle=k_cycle, flow=flow, joint=joint,
-            part_lr=part_lr, align_encoder=align_encoder, optim=optim,
-        )  # fmt: skip
-        self.save_hyperparameters(hparams)
-        self.tokenizer = Tokenizer(tokenizer)
-        self.merger = Merger(n_slots=tokenizer.n_slots, channels=tokenizer.channels, **merge.merger_kwargs())
-        self.merger.requires_grad_(False)  # the pattern is the contract with the DiT: frozen
-        self.dit = DiT(dit)
-        self.criterion = ReconLoss(**{**vars(loss), "align": 0.0})
-        self.flow = RectifiedFlow(t_mean=flow.t_mean, t_std=flow.t_std)
-        self.ks, self.k_cycle, self.spec, self.part_lr, self.optim_spec = ks, k_cycle, joint, part_lr, optim
-        self.flow_spec = flow
+        ks = self.hparams.ks = sorted(ks or merge.grid)
+        self.generator = build_generator(
+            dit, {"n": dit.n_slots, "ks": ks, "kind": pattern_kind}, flow=flow, tokenizer=tokenizer
+        )
+        self.generator.tokenizer.requires_grad_(True)  # the generator freezes it; stage 3 trains it
+        self.ks, self.k_cycle, self.spec = ks, k_cycle or ks, joint
+        self.recon_grid = [k for k in merge.grid if k in ks] or ks
+        self.criterion = ReconLoss(**{**asdict(loss), "align": 0.0})
         self.align_depth = joint.align_depth or max(1, dit.depth // 2)
         if align_encoder.kind == "stage1":
             self.target = SlotFeatures(tokenizer, features=align_encoder.features)
@@ -155,69 +104,104 @@ class LitJoint(PatternBuffers, L.LightningModule):
                 image_size=align_encoder.image_size, probe_size=tokenizer.image_size,
             )  # fmt: skip
         self.projector = Projector(width=dit.width, hidden=joint.projector_hidden, out=self.target.width)
-        self.register_pattern(dit.n_slots, ks)  # placeholders until stage-2 (or joint) weights load
-        self.register_buffer("latent_mean", torch.zeros(dit.channels))
-        self.register_buffer("latent_var", torch.ones(dit.channels))
         self._ddp_params_and_buffers_to_ignore = [name for name, _ in self.named_buffers()]
         self.val_loss = nn.ModuleDict({str(k): MeanMetric() for k in ks})
         self.val_psnr = nn.ModuleDict({str(k): MeanMetric() for k in ks})
 
-    # --- the pattern contract and the latent normalisation ---
-    def check_contract(self) -> None:
-        """The frozen merger's eval pattern must equal the DiT's assign buffers at every shared K."""
-        for k in self.ks:
-            if k in self.merger.grid and not torch.equal(
-                self.merger.assignment(k).cpu(), getattr(self, f"assign_{k}").cpu()
-            ):
+    # --- building from the stage checkpoints ---
+    @classmethod
+    def resolve_sources(cls, args: dict[str, Any]) -> dict[str, Any]:
+        """Fill the arguments left None from the hyper-parameters of the init checkpoints."""
+        args = {key: value for key, value in args.items() if value is not None}
+        if args.get("init_from_tokenizer"):
+            hp = read_checkpoint(args["init_from_tokenizer"])["hyper_parameters"]
+            for key in ("tokenizer", "merge", "loss"):
+                args.setdefault(key, hp[key])
+        if args.get("init_from_dit"):
+            hp = read_checkpoint(args["init_from_dit"])["hyper_parameters"]
+            args.setdefault("tokenizer", hp["tokenizer_config"])
+            for key in ("dit", "ks", "pattern_kind", "k_cycle", "flow"):
+                if hp.get(key) is not None:
+                    args.setdefault(key, hp[key])
+        return args
+
+    @classmethod
+    def from_checkpoints(cls, init_from_tokenizer: str | None, init_from_dit: str, **kwargs: Any) -> LitJoint:
+        """A model shaped by and initialised from the stage checkpoints."""
+        args = {"init_from_tokenizer": init_from_tokenizer, "init_from_dit": init_from_dit, **kwargs}
+        model = cls(**cls.resolve_sources(args))
+        model.load_sources()
+        return model
+
+    @torch.no_grad()
+    def load_sources(self) -> None:
+        """Weights from the stage checkpoints; the frozen alignment target copies the stage-1 encoder."""
+        hp, gen = self.hparams, self.generator
+        if hp.init_from_dit:
+            gen.load_state_dict(load(hp.init_from_dit, part="generator").state_dict())
+        if hp.init_from_tokenizer:
+            tok = load(hp.init_from_tokenizer, part="tokenizer")
+            if tok.pattern is None or not tok.pattern.subset(self.ks).equal(gen.pattern):
                 raise ValueError(
-                    f"merge pattern mismatch at K={k} between the tokenizer and the DiT: the stage-2 "
-                    "checkpoint was trained on another tokenizer's latents"
+                    f"merge pattern mismatch between {hp.init_from_tokenizer} and {hp.init_from_dit}: the "
+                    "stage-2 checkpoint was trained on another tokenizer's latents"
                 )
+            gen.tokenizer.net.load_state_dict(tok.net.state_dict())
+            gen.tokenizer.fill.copy_(tok.fill)
+        if isinstance(self.target, SlotFeatures):
+            self.target.copy_from(gen.tokenizer.net)
 
-    @property
-    def latent_std(self) -> Tensor:
-        return (self.latent_var + 1e-6).sqrt()
+    def setup(self, stage: str) -> None:
+        """A new fit reads its stage checkpoints; a resumed one restores everything after this hook."""
+        if stage == "fit" and not self.trainer.ckpt_path:
+            self.load_sources()
 
+    # --- the latent normalisation ---
     def normalise(self, z: Tensor) -> Tensor:
         """(B, N, C) -> per-channel standardised; training uses (and tracks) batch statistics.
 
         The statistics are per rank under DDP (BatchNorm without sync): each rank's batch is large
         (B x N latents per channel) and the checkpoint keeps rank zero's running values."""
+        gen = self.generator
         if not self.training:
-            return (z - self.latent_mean) / self.latent_std
+            return gen.normalise(z)
         zd = z.detach().float()
         mean, var = zd.mean((0, 1)), zd.var((0, 1), unbiased=False)  # (C,)
         with torch.no_grad():
             m = self.spec.bn_momentum
-            self.latent_mean.lerp_(mean, m)
-            self.latent_var.lerp_(zd.var((0, 1), unbiased=True), m)
+            gen.latent_mean.lerp_(mean, m)
+            gen.latent_std.copy_(gen.latent_std.square().lerp(zd.var((0, 1), unbiased=True), m).sqrt())
         return (z - mean.to(z)) / (var.to(z) + 1e-6).sqrt()
-
-    def labels(self, y: Tensor) -> Tensor:
-        """Unlabelled samples (-1) train the unconditional branch."""
-        return torch.where(y < 0, torch.full_like(y, self.dit.null_label), y)
 
     # --- training ---
     def training_k(self) -> int:
         return self.k_cycle[self.global_step % len(self.k_cycle)]
 
+    def recon_k(self) -> int:
+        """A reconstruction level drawn from the stage-1 grid weights (restricted to the served K)."""
+        merge = self.hparams.merge or MergeSpec(grid=self.ks)
+        weights = dict(zip(merge.grid, merge.grid_weights or [1.0] * len(merge.grid), strict=True))
+        w = torch.tensor([weights.get(k, 1.0) for k in self.recon_grid])
+        return self.recon_grid[int(torch.multinomial(w, 1))]
+
     def losses(self, batch: dict, k: int, recon_k: int) -> dict[str, Tensor]:
         """Every loss term of one step at DiT level K and reconstruction level recon_k."""
-        images, y = batch["image"], self.labels(batch["label"])
-        enc = self.tokenizer.encode(images)  # z: (B, N, C)
+        gen, pattern = self.generator, self.generator.pattern
+        images, y = batch["image"], gen.labels(batch["label"])
+        enc = gen.tokenizer.net.encode(images)  # z: (B, N, C)
         recon = self.criterion(images, self.decode_at(enc.z, recon_k), kl=enc.kl, align=enc.kl.new_zeros(()))
-        gbar, sizes = self.pattern(k)
-        path = self.flow.noisy(merge(self.normalise(enc.z), gbar), gbar)  # x_t: (B, K, C), live
+        gbar, sizes = pattern.gbar(k), pattern.sizes(k)
+        path = gen.flow.noisy(pattern.merge(self.normalise(enc.z), k), gbar)  # x_t: (B, K, C), live
         drop = None  # one label-dropout draw shared by both DiT passes
-        if self.training and self.dit.cfg.class_dropout > 0:
-            drop = (torch.rand(y.shape[0], device=y.device) < self.dit.cfg.class_dropout).long()
-        target = merge(self.target(images), gbar)  # (B, K, F)
+        if self.training and gen.dit.cfg.class_dropout > 0:
+            drop = (torch.rand(y.shape[0], device=y.device) < gen.dit.cfg.class_dropout).long()
+        target = pattern.merge(self.target(images), k)  # (B, K, F)
         kw = {"depth": self.align_depth, "force_drop_ids": drop}
-        out = self.dit.forward_hidden(path.x_t.detach(), path.t, y, gbar, sizes, **kw)
-        diffusion = self.flow.velocity_loss(out.velocity, path.target.detach(), sizes)
+        out = gen.dit.forward_hidden(path.x_t.detach(), path.t, y, gbar, sizes, **kw)
+        diffusion = gen.flow.velocity_loss(out.velocity, path.target.detach(), sizes)
         align_dit = alignment_loss(self.projector(out.hidden), target)  # trains DiT + projector
-        with frozen_params(self.dit, self.projector):
-            hidden = self.dit.hidden_states(path.x_t, path.t, y, gbar, sizes, **kw)  # (B, K, D)
+        with frozen_params(gen.dit, self.projector):
+            hidden = gen.dit.hidden_states(path.x_t, path.t, y, gbar, sizes, **kw)  # (B, K, D)
             align_tok = alignment_loss(self.projector(hidden), target)  # trains the tokenizer only
         s = self.spec
         total = s.diffusion * diffusion["loss"] + s.align * (align_dit + align_tok) + s.recon * recon["loss"]
@@ -228,35 +212,32 @@ class LitJoint(PatternBuffers, L.LightningModule):
 
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:
         k = self.training_k()
-        parts = self.losses(batch, k, recon_k=self.merger.sample_k())
+        parts = self.losses(batch, k, recon_k=self.recon_k())
         self.log_dict({f"train/{name}": value for name, value in parts.items()})
         self.log("train/k", float(k))
         return parts["loss"]
 
-    def configure_optimizers(self) -> dict:
-        groups = []
-        for part, module in (("tokenizer", self.tokenizer), ("dit", self.dit), ("projector", self.projector)):
-            lr = getattr(self.part_lr, part) or self.optim_spec.lr
-            groups += [
-                {**g, "lr": lr} for g in param_groups(module, self.optim_spec.weight_decay) if g["params"]
-            ]
-        return self.optim_spec.build(groups, self.trainer.max_steps)
+    def param_groups(self) -> list[dict]:
+        """Optimizer groups: each part at its own peak learning rate (`part_lr`, else `optim.lr`)."""
+        gen, groups, optim = self.generator, [], self.hparams.optim
+        parts = (("tokenizer", gen.tokenizer.net), ("dit", gen.dit), ("projector", self.projector))
+        for part, module in parts:
+            lr = getattr(self.hparams.part_lr, part) or optim.lr
+            groups += [{**g, "lr": lr} for g in param_groups(module, optim.weight_decay) if g["params"]]
+        return groups
 
-    def setup(self, stage: str) -> None:
-        """Every fit starts from the stage checkpoints. Lightning restores a `--ckpt_path` after this
-        hook, so a resumed run ends with the joint checkpoint's weights (it still reads the init files)."""
-        if stage == "fit":
-            init_weights(self)
+    def configure_optimizers(self) -> dict:
+        return self.hparams.optim.build(self.param_groups(), self.trainer.max_steps)
 
     # --- validation: diffusion loss and PSNR per K ---
     def validation_step(self, batch: dict, batch_idx: int) -> None:
-        images, y = batch["image"], self.labels(batch["label"])
-        z = self.tokenizer.encode(images).z  # (B, N, C)
+        gen, images = self.generator, batch["image"]
+        y, z = gen.labels(batch["label"]), gen.tokenizer.encode(images)  # z: (B, N, C)
         for k in self.ks:
-            gbar, sizes = self.pattern(k)
-            path = self.flow.noisy(merge(self.normalise(z), gbar), gbar)
-            v = self.dit(path.x_t, path.t, y, gbar, sizes)
-            self.val_loss[str(k)].update(self.flow.velocity_loss(v, path.target, sizes)["loss"])
+            gbar, sizes = gen.pattern.gbar(k), gen.pattern.sizes(k)
+            path = gen.flow.noisy(gen.pattern.merge(self.normalise(z), k), gbar)
+            v = gen.dit(path.x_t, path.t, y, gbar, sizes)
+            self.val_loss[str(k)].update(gen.flow.velocity_loss(v, path.target, sizes)["loss"])
             self.val_psnr[str(k)].update(psnr(images, self.decode_at(z, k)))
 
     def on_validation_epoch_end(self) -> None:
@@ -268,47 +249,34 @@ class LitJoint(PatternBuffers, L.LightningModule):
 
     # --- checkpoints and exports ---
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        self.check_contract()
-        checkpoint["merge_table"] = self.table().to_dict()
+        checkpoint["vlt_stage"] = "joint"
 
     def on_fit_end(self) -> None:
-        """Export the stage checkpoints of the final (EMA, if any) weights into <run_dir>/export/."""
+        """Export the final (EMA, if any) generator and its tokenizer into <run_dir>/export/."""
         log_dir = self.trainer.log_dir  # a broadcast under DDP: every rank must ask
         if self.trainer.is_global_zero:
             self.export(Path(log_dir or self.trainer.default_root_dir) / "export")
 
     def export(self, out_dir: str | Path) -> dict[str, Path]:
-        """Write tokenizer.ckpt (LitTokenizer), dit.ckpt (LitDiT) and merge_table.json; returns the paths."""
-        self.check_contract()
-        return export_stages(self, Path(out_dir))
+        """Write export folders `generator/` and `tokenizer/` under out_dir; returns their paths."""
+        out = Path(out_dir)
+        gen = self.generator
+        return {
+            "generator": export(gen, out / "generator"),
+            "tokenizer": export(gen.tokenizer, out / "tokenizer"),
+        }
 
     # --- decoding, generation and the token-budget protocol ---
     def decode_at(self, z: Tensor, k: int) -> Tensor:
         """z (B, N, C) -> merge to K with the frozen pattern, unmerge, decode -> (B, 3, H, W)."""
-        if k == z.shape[1]:
-            return self.tokenizer.decode(z)
-        gamma = one_hot(self.merger.assignment(k), k).to(z)  # (N, K)
-        return self.tokenizer.decode(unmerge(merge(z, column_normalise(gamma)), gamma))
-
-    @torch.no_grad()
-    def generate(self, labels: Tensor, k: int, *, cfg_scale: float | None = None, steps: int | None = None,
-                 generator: torch.Generator | None = None) -> Tensor:  # fmt: skip
-        """Sample images (B, 3, H, W) in [-1, 1] at K tokens with the DiT and the live tokenizer."""
-        spec, (gbar, sizes) = self.flow_spec, self.pattern(k)
-        x = self.flow.sample(
-            self.dit, y=labels.to(self.device), gbar=gbar, sizes=sizes, steps=steps or spec.sample_steps,
-            method=spec.sampler, cfg_scale=spec.cfg_scale if cfg_scale is None else cfg_scale,
-            cfg_interval=spec.cfg_interval, generator=generator,
-        )  # fmt: skip
-        tokens = x * self.latent_std + self.latent_mean  # (B, K, C)
-        z = unmerge(tokens, one_hot(getattr(self, f"assign_{k}"), k))  # (B, N, C)
-        return self.tokenizer.decode(z).clamp(-1, 1)
+        tok = self.generator.tokenizer
+        return tok.detokenize(tok.merge(z, k).tokens)
 
     def budget_reconstruct(self, images: Tensor, k: int) -> Tensor:
-        return self.decode_at(self.tokenizer.encode(images).z, k)
+        return self.decode_at(self.generator.tokenizer.encode(images), k)
 
     def budget_generate(self, labels: Tensor, k: int, cfg_scale: float, generator=None) -> Tensor:
-        return self.generate(labels, k, cfg_scale=cfg_scale, generator=generator)
+        return self.generator.generate(labels, k, cfg_scale=cfg_scale, generator=generator)
 
     def budget_tokens(self, k: int) -> float:
         return float(k)
@@ -316,13 +284,5 @@ class LitJoint(PatternBuffers, L.LightningModule):
     def budget_flops(self, k: int, task: str = "reconstruct", cfg_scale: float = 1.0) -> float:
         """Reconstruct: encode + decode. Generate: DiT calls of every sampling step + one decode."""
         if task == "reconstruct":
-            return float(self.tokenizer_flops("encode") + self.tokenizer_flops("decode"))
-        spec = self.flow_spec
-        calls = spec.sample_steps * (2 if spec.sampler == "heun" else 1) * (2 if cfg_scale != 1.0 else 1)
-        return float(calls * self.dit.flops(k) + self.tokenizer_flops("decode"))
-
-    def tokenizer_flops(self, part: str) -> int:
-        cfg = self.tokenizer.cfg
-        depth = {"encode": cfg.enc_depth, "decode": cfg.dec_depth}[part]
-        hidden = int(cfg.width * cfg.mlp_ratio)
-        return transformer_flops(cfg.n_patches + cfg.n_slots, cfg.width, depth, hidden, gated=False)
+            return float(self.generator.tokenizer.flops("reconstruct"))
+        return self.generator.flops(k, cfg_scale)

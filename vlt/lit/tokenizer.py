@@ -3,11 +3,14 @@
 Letters: B batch, N slots, K merged tokens, C channels.
 
 A thin LightningModule: the networks are pure torch (`vlt.models`), the loss is `vlt.objectives`;
-this file only samples K, wires the step, logs and saves the merge table with every checkpoint.
+this file only samples K, wires the step and logs. `stage()` hands over the inference object
+(`vlt.stages.VariableLengthTokenizer`: the network and a frozen snapshot of the learned pattern), and
+`vlt.load(checkpoint)` builds the same object from a checkpoint without Lightning.
 """
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import lightning as L
@@ -16,14 +19,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchmetrics import MeanMetric
 
-from vlt.lit.specs import LossSpec, MergeSpec, OptimSpec, allow_in_checkpoints, param_groups
-from vlt.metrics.rate import transformer_flops
-from vlt.models.merge_ops import MergeTable
-from vlt.models.merging import Merger, MergeResult, hierarchy
+from vlt.models.merging import Merger, MergeResult
+from vlt.models.pattern import MergePattern
 from vlt.models.tokenizer import Tokenizer, TokenizerConfig
 from vlt.objectives.recon import ReconLoss, psnr
-
-allow_in_checkpoints(TokenizerConfig)
+from vlt.specs import LossSpec, MergeSpec, OptimSpec, param_groups
+from vlt.stages.tokenizer import VariableLengthTokenizer
 
 
 class LitTokenizer(L.LightningModule):
@@ -40,15 +41,13 @@ class LitTokenizer(L.LightningModule):
     def __init__(
         self,
         *,
-        tokenizer: TokenizerConfig | None = None,
-        merge: MergeSpec | None = None,
-        loss: LossSpec | None = None,
-        optim: OptimSpec | None = None,
+        tokenizer: TokenizerConfig = TokenizerConfig(),  # noqa: B008 (config values, never mutated)
+        merge: MergeSpec = MergeSpec(),  # noqa: B008
+        loss: LossSpec = LossSpec(),  # noqa: B008
+        optim: OptimSpec = OptimSpec(),  # noqa: B008
         val_ks: list[int] | None = None,
     ) -> None:
         super().__init__()
-        tokenizer, merge = tokenizer or TokenizerConfig(), merge or MergeSpec()
-        loss, optim = loss or LossSpec(), optim or OptimSpec()
         self.save_hyperparameters(
             {"tokenizer": tokenizer, "merge": merge, "loss": loss, "optim": optim, "val_ks": val_ks}
         )
@@ -67,7 +66,7 @@ class LitTokenizer(L.LightningModule):
     def n_slots(self) -> int:
         return self.tokenizer.cfg.n_slots
 
-    # --- the tokenizer interface used by the other stages ---
+    # --- the inference contract (the same methods as vlt.stages.VariableLengthTokenizer) ---
     def encode(self, images: Tensor) -> Tensor:
         """images (B, 3, H, W) in [-1, 1] -> full latents z (B, N, C)."""
         return self.tokenizer.encode(images).z
@@ -76,16 +75,19 @@ class LitTokenizer(L.LightningModule):
         """images -> K merged tokens (B, K, C) with their sizes, and the unmerged view."""
         return self.merger(self.encode(images), k)
 
-    def detokenize(self, tokens: Tensor) -> Tensor:
-        """K merged tokens (B, K, C) -> images, through the global pattern (unmerge, decode)."""
-        return self.tokenizer.decode(self.merger.unmerge(tokens))
-
     def reconstruct(self, images: Tensor, k: int) -> Tensor:
         return self.tokenizer.decode(self.tokenize(images, k).z_hat)
 
-    def merge_table(self) -> MergeTable | None:
-        """The global pattern over the grid (None for per-image or truncation baselines)."""
-        return self.merger.table()
+    def pattern(self) -> MergePattern | None:
+        """The current global pattern over the grid (None for per-image ToMe merging)."""
+        return self.merger.pattern()
+
+    def stage(self) -> VariableLengthTokenizer:
+        """A frozen inference copy: the network and a snapshot of the current pattern."""
+        cfg = self.tokenizer.cfg
+        stage = VariableLengthTokenizer(cfg, self.pattern(), fill=self.merger.fill())
+        stage.net.load_state_dict(copy.deepcopy(self.tokenizer.state_dict()))
+        return stage.eval().requires_grad_(False)
 
     # --- training ---
     def training_k(self) -> int:
@@ -141,18 +143,10 @@ class LitTokenizer(L.LightningModule):
         if not self.trainer.sanity_checking:
             self.last_summary = summary
 
-    # --- checkpoints carry the merge table of the weights they hold ---
+    # --- checkpoints and the end of fit ---
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        """Store the table derived from the checkpoint's own embeddings: with EMA the saved state_dict
-        holds the averaged weights, whose pattern can differ from the live one."""
-        e = checkpoint["state_dict"].get("merger.e")
-        if e is None:
-            table = self.merge_table()
-        else:
-            table = MergeTable(
-                n=self.n_slots, assign=hierarchy(e.float().cpu(), self.merger.grid, blocks=self.merger.blocks)
-            )
-        checkpoint["merge_table"] = table.to_dict() if table is not None else None
+        """Name the stage; the pattern is cut from the checkpoint's own merge embeddings at load."""
+        checkpoint["vlt_stage"] = "tokenizer"
 
     def on_fit_end(self) -> None:
         """Export the final pattern beside the run's checkpoints and print the last validation per K."""
@@ -160,9 +154,9 @@ class LitTokenizer(L.LightningModule):
         if not self.trainer.is_global_zero or not log_dir:
             return
         run_dir = Path(log_dir)
-        table = self.merge_table()
-        if table is not None:
-            table.save(run_dir / "merge_table.json")
+        pattern = self.pattern()
+        if pattern is not None:
+            pattern.save(run_dir / "pattern.json")
         print(summary_table(self.last_summary, self.val_ks, self.global_step, run_dir))
 
     # --- the token-budget protocol (vlt.callbacks.token_budget) ---
@@ -175,14 +169,7 @@ class LitTokenizer(L.LightningModule):
     def budget_flops(self, k: int, task: str = "reconstruct", cfg_scale: float = 1.0) -> float:
         """Encode + decode FLOPs per image. The decoder always sees N slots (merged tokens are broadcast
         back), so reconstruction cost does not fall with K: K buys storage and generation cost."""
-        return float(self.flops("encode") + self.flops("decode"))
-
-    def flops(self, part: str) -> int:
-        """Analytic forward FLOPs per image of the encoder or decoder transformer (P + N tokens)."""
-        cfg = self.tokenizer.cfg
-        depth = {"encode": cfg.enc_depth, "decode": cfg.dec_depth}[part]
-        length, hidden = cfg.n_patches + cfg.n_slots, int(cfg.width * cfg.mlp_ratio)
-        return transformer_flops(length, cfg.width, depth, hidden, gated=False)
+        return float(self.tokenizer.flops("encode") + self.tokenizer.flops("decode"))
 
 
 def summary_table(summary: dict[str, float], ks: list[int], step: int, run_dir: Path) -> str:

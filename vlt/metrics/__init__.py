@@ -10,11 +10,10 @@ from vlt.metrics.fid import (
     make_extractor,
     metric_name,
 )
-from vlt.metrics.rate import FlopsReport, psnr, transformer_flops
+from vlt.metrics.rate import measured_flops, psnr, transformer_flops
 from vlt.metrics.real_stats import RealStats, RealStatsKey
 
 __all__ = [
-    "FlopsReport",
     "FrechetDistance",
     "InceptionExtractor",
     "ProxyExtractor",
@@ -24,6 +23,7 @@ __all__ = [
     "find_inception_weights",
     "frechet_distance",
     "make_extractor",
+    "measured_flops",
     "metric_name",
     "psnr",
     "transformer_flops",

@@ -1,14 +1,18 @@
-"""Pure-torch models: the stage-1 tokenizer, learnable global merging and its baselines, presets."""
+"""Pure-torch models: the stage-1 tokenizer, learnable global merging and its baselines, the DiT,
+the global merge pattern, presets."""
 
-from vlt.models.merge_ops import MergeTable
+from vlt.models.dit import DiT, DiTConfig
 from vlt.models.merging import Merger, MergeResult, alignment_loss, hierarchy, straight_through
+from vlt.models.pattern import MergePattern
 from vlt.models.registry import create, list_presets, register
 from vlt.models.tokenizer import Encoded, Tokenizer, TokenizerConfig
 
 __all__ = [
+    "DiT",
+    "DiTConfig",
     "Encoded",
+    "MergePattern",
     "MergeResult",
-    "MergeTable",
     "Merger",
     "Tokenizer",
     "TokenizerConfig",

@@ -273,6 +273,3 @@ def dit_l(**overrides) -> DiT:
 @register("dit", "xl")
 def dit_xl(**overrides) -> DiT:
     return _preset(1152, 28, 16, 256, 32, overrides)
-
-
-DIT_PRESETS = {"tiny": dit_tiny, "s": dit_s, "b": dit_b, "l": dit_l, "xl": dit_xl}

@@ -23,7 +23,8 @@ from scipy.spatial.distance import squareform
 from torch import Tensor, nn
 
 from vlt.models.baselines import bipartite_assignment, pad, truncate
-from vlt.models.merge_ops import MergeTable, column_normalise, merge, one_hot, unmerge
+from vlt.models.merge_ops import column_normalise, merge, one_hot, unmerge
+from vlt.models.pattern import MergePattern
 
 # Similarity given to slot pairs in different blocks: far beyond any cosine, so average linkage
 # joins blocks only after everything inside them (and only when K < blocks).
@@ -168,10 +169,10 @@ class Merger(nn.Module):
     Modes:
         "lgm": learned global merging (this module's reason to exist).
         "fixed": learned global merging at one K (`fixed_k`) only: a tokenizer trained for that K.
-        "nested": nested dropout; tokens are the first K slots, `table()` is None (nothing merges) and
+        "nested": nested dropout; tokens are the first K slots, `pattern()` is a truncation and
             `unmerge` pads the N - K dropped slots with a mask vector (learned if `channels` is given,
             else zeros).
-        "tome": per-image bipartite matching on z; sizes are (B, K), `table()` is None and `unmerge`
+        "tome": per-image bipartite matching on z; sizes are (B, K), `pattern()` is None and `unmerge`
             is impossible without the image (use `MergeResult.z_hat`).
         "none": no merging, K is always N.
     K == N never merges, in every mode.
@@ -252,13 +253,27 @@ class Merger(nn.Module):
             self._cache.update(hierarchy(self.e, sorted({*self.grid, k}), blocks=self.blocks))
         return self._cache[k]
 
-    def table(self) -> MergeTable | None:
-        """The global table over the grid: learned cuts, identity for "none", None for nested/tome."""
+    def pattern(self, e: Tensor | None = None) -> MergePattern | None:
+        """The global pattern over the grid (eval: noise-free cuts), None for per-image ToMe.
+
+        Args:
+            e: merge embeddings to cut instead of the live ones (e.g. the EMA weights of a checkpoint).
+        """
         if self.learned:
-            return MergeTable(n=self.n_slots, assign={k: self.assignment(k).cpu() for k in self.grid})
+            if e is None:
+                assign = {k: self.assignment(k).cpu() for k in self.grid}
+            else:
+                assign = hierarchy(e.detach().float().cpu(), self.grid, blocks=self.blocks)
+            return MergePattern(self.n_slots, assign, kind="fixed" if self.mode == "fixed" else "lgm")
+        if self.mode == "nested":
+            return MergePattern.truncation(self.n_slots, self.grid)
         if self.mode == "none":
-            return MergeTable(n=self.n_slots, assign={self.n_slots: torch.arange(self.n_slots)})
+            return MergePattern.identity(self.n_slots)
         return None
+
+    def fill(self) -> Tensor | None:
+        """The vector dropped slots are decoded with (nested dropout's mask), None otherwise."""
+        return self.mask.detach().clone() if self.mask is not None else None
 
     def forward(self, z: Tensor, k: int, *, generator: torch.Generator | None = None) -> MergeResult:
         """z (B, N, C), K -> MergeResult. Learned modes draw a noisy pattern and merge with the
@@ -285,7 +300,7 @@ class Merger(nn.Module):
         return MergeResult(tokens=tokens, sizes=sizes, z_hat=unmerge(tokens, gamma))
 
     def unmerge(self, tokens: Tensor) -> Tensor:
-        """tokens (B, K, C) -> z_hat (B, N, C) with the global pattern (eval/table pattern)."""
+        """tokens (B, K, C) -> z_hat (B, N, C) with the global pattern (the eval pattern)."""
         k = tokens.shape[1]
         if k == self.n_slots:
             return tokens

@@ -19,6 +19,7 @@ from torch import Tensor, nn
 
 from vlt.models.bottleneck import make_bottleneck
 from vlt.models.registry import register
+from vlt.nn.flops import transformer_flops
 from vlt.nn.posemb import sincos_2d
 from vlt.nn.vit import Transformer
 
@@ -140,6 +141,13 @@ class Tokenizer(nn.Module):
     def forward(self, images: Tensor) -> Tensor:
         """Plain autoencoding without merging: images -> z -> images."""
         return self.decode(self.encode(images).z)
+
+    def flops(self, part: Literal["encode", "decode"]) -> int:
+        """Analytic forward FLOPs per image of the encoder or decoder transformer (P + N tokens)."""
+        cfg = self.cfg
+        depth = {"encode": cfg.enc_depth, "decode": cfg.dec_depth}[part]
+        hidden = int(cfg.width * cfg.mlp_ratio)
+        return transformer_flops(cfg.n_patches + cfg.n_slots, cfg.width, depth, hidden, gated=False)
 
 
 def _build(base: TokenizerConfig, overrides: dict[str, Any]) -> Tokenizer:

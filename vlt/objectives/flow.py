@@ -14,6 +14,7 @@ unmerged prediction, where token j's error counts once for each of its m_j slots
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from itertools import pairwise
 from typing import Literal, NamedTuple
 
@@ -24,6 +25,34 @@ from vlt.models.merge_ops import merge
 from vlt.objectives.guidance import guided_velocity
 
 SAMPLERS = ("euler", "heun")
+
+
+@dataclass
+class FlowSpec:
+    """Rectified-flow training and sampling settings.
+
+    Args:
+        t_mean, t_std: logit-normal training times (see `RectifiedFlow`).
+        sample_steps, sampler: ODE steps and integrator ("euler" or "heun", two calls per step).
+        cfg_scale: guidance weight w (1 = none); the per-token scale is 1 + (w - 1)/m_j.
+        cfg_interval: guide only for t in [lo, hi] (None: every step).
+    """
+
+    t_mean: float = 0.0
+    t_std: float = 1.0
+    sample_steps: int = 25
+    sampler: Literal["euler", "heun"] = "euler"
+    cfg_scale: float = 1.5
+    cfg_interval: tuple[float, float] | None = None
+
+    def __post_init__(self) -> None:
+        if self.sampler not in SAMPLERS:
+            raise ValueError(f"unknown sampler {self.sampler!r}; choose one of {SAMPLERS}")
+
+    def model_calls(self, cfg_scale: float | None = None) -> int:
+        """Velocity-network calls per image of one sample (x2 for Heun, x2 with guidance)."""
+        scale = self.cfg_scale if cfg_scale is None else cfg_scale
+        return self.sample_steps * (2 if self.sampler == "heun" else 1) * (2 if scale != 1.0 else 1)
 
 
 def pooled_noise(b: int, gbar: Tensor, c: int, generator: torch.Generator | None = None) -> Tensor:

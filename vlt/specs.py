@@ -2,15 +2,16 @@
 
 Each dataclass mirrors the keyword arguments of one pure-torch piece, so a config reads as
 `merge: {mode: lgm, grid: [4, 8, 16, 32]}` while checkpoints stay loadable without the CLI
-(`save_hyperparameters` stores plain dataclasses).
+(`save_hyperparameters` stores plain dataclasses). This module imports no Lightning, so
+`vlt.load` can read a checkpoint's hyper-parameters without it.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field
+from typing import Literal
 
-import torch
 from torch import nn, optim
 
 from vlt.models.merging import MergeMode
@@ -80,20 +81,47 @@ class OptimSpec:
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
 
+@dataclass
+class JointSpec:
+    """Loss weights and knobs of the stage-3 joint step.
+
+    Args:
+        diffusion, align, recon: loss weights (REPA-E uses 1.0 / 0.5 / 1.0).
+        align_depth: DiT block whose output is aligned (None: max(1, depth // 2)).
+        projector_hidden: hidden width of the projector MLP.
+        bn_momentum: momentum of the running latent statistics (BatchNorm's convention).
+    """
+
+    diffusion: float = 1.0
+    align: float = 0.5
+    recon: float = 1.0
+    align_depth: int | None = None
+    projector_hidden: int = 2048
+    bn_momentum: float = 0.1
+
+
+@dataclass
+class PartLR:
+    """Peak learning rate per part of the joint fine-tune; None takes `optim.lr`."""
+
+    tokenizer: float | None = None
+    dit: float | None = None
+    projector: float | None = None
+
+
+@dataclass
+class AlignEncoderSpec:
+    """The frozen alignment target. kind "stage1": a frozen copy of the initial stage-1 encoder
+    (`features` hidden or latent); kind "file": a `torch.jit` encoder at `path` (see FileFeatures)."""
+
+    kind: Literal["stage1", "file"] = "stage1"
+    features: Literal["hidden", "latent"] = "hidden"
+    path: str | None = None
+    image_size: int | None = None
+
+
 def param_groups(module: nn.Module, weight_decay: float) -> list[dict]:
     """No weight decay on biases, norms and embeddings (tensors with < 2 dims)."""
     decay = [p for p in module.parameters() if p.requires_grad and p.ndim >= 2]
     no_decay = [p for p in module.parameters() if p.requires_grad and p.ndim < 2]
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-
-
-def allow_in_checkpoints(*classes: type) -> None:
-    """Let `torch.load(weights_only=True)` (Lightning's default) rebuild these config dataclasses.
-
-    Checkpoints store hyperparameters as the dataclasses themselves; only vlt's own, plain classes
-    are allow-listed.
-    """
-    torch.serialization.add_safe_globals(list(classes))
-
-
-allow_in_checkpoints(MergeSpec, LossSpec, OptimSpec)

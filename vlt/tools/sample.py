@@ -1,4 +1,4 @@
-"""`vlt sample`: class-conditional images from a DiT + tokenizer checkpoint pair, at one or more K.
+"""`vlt sample`: class-conditional images from a stage-2/3 checkpoint or generator export, at one or more K.
 
 Writes, per K, a PNG grid and an `.npz` whose `arr_0` is uint8 (B, H, W, 3): the layout external
 FID evaluators (the ADM suite, torch-fidelity) read. With `--budget MEAN_K` (content-adaptive K) each
@@ -14,11 +14,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-
-def to_uint8(images: torch.Tensor) -> np.ndarray:
-    """(B, 3, H, W) in [-1, 1] -> (B, H, W, 3) uint8."""
-    x = ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-    return x.permute(0, 2, 3, 1).cpu().numpy()
+from vlt.data.transforms import to_uint8
+from vlt.stages import LatentGenerator, load
 
 
 def save_grid(images: np.ndarray, path: str | Path, cols: int | None = None) -> None:
@@ -49,8 +46,9 @@ def sample(
     """Sample `count` images per K and save a PNG grid + an npz per K (or one set at a mean-K budget).
 
     Args:
-        dit: a `LitDiT` checkpoint.
-        tokenizer: the stage-1 checkpoint to decode with (default: the one the DiT was trained with).
+        dit: a stage-2 or joint checkpoint, or a generator export folder (it decodes on its own).
+        tokenizer: another tokenizer (checkpoint or export) to decode with, e.g. a fine-tuned one; it
+            must carry the same global pattern.
         k: token counts to sample at (default: every K the DiT serves).
         classes: labels cycled over the samples (default: 0, 1, 2, ... over the DiT's classes).
         count: images per K.
@@ -63,11 +61,9 @@ def sample(
     """
     if budget is not None and k is not None:
         raise ValueError("pass either --k (every image at each K) or --budget (one K per image), not both")
-    from vlt.lit.dit import LitDiT
-
-    model = LitDiT.load_from_checkpoint(dit, map_location="cpu").eval()
+    model = load(dit, part="generator")
     if tokenizer is not None:
-        model.hparams.tokenizer = tokenizer
+        swap_tokenizer(model, tokenizer)
     ks = k or model.ks
     labels = classes or list(range(model.dit.cfg.num_classes))
     y = torch.tensor([labels[i % len(labels)] for i in range(count)])
@@ -88,8 +84,24 @@ def sample(
     return written
 
 
+def swap_tokenizer(model: LatentGenerator, path: str) -> None:
+    """Decode with the tokenizer weights at `path`; its pattern must agree on every K the model serves."""
+    tok = load(path, part="tokenizer")
+    if tok.pattern is None or not tok.pattern.subset(model.ks).equal(model.pattern):
+        raise ValueError(f"tokenizer {path} does not carry the generator's merge pattern at K={model.ks}")
+    model.tokenizer.net.load_state_dict(tok.net.state_dict())
+    model.tokenizer.fill.copy_(tok.fill)
+
+
 def sample_at_budget(
-    model, y: torch.Tensor, budget: float, *, steps: int, cfg_scale: float, seed: int, root: Path
+    model: LatentGenerator,
+    y: torch.Tensor,
+    budget: float,
+    *,
+    steps: int,
+    cfg_scale: float,
+    seed: int,
+    root: Path,
 ) -> list[Path]:
     """One K per image at a mean-K budget: grid_budget<B>.png + samples_budget<B>.npz (arr_0, labels, ks)."""
     gen = torch.Generator().manual_seed(seed)

@@ -1,0 +1,1 @@
+"""The `vlt` tools that run trained stages over data: cache-latents, sample, export."""

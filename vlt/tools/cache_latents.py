@@ -1,0 +1,145 @@
+"""`vlt cache-latents`: encode image shards once with a trained tokenizer, keep the full N slots.
+
+    vlt cache-latents --tokenizer runs/tokenizer-tiny/checkpoints/last.ckpt \
+        --shards 'data/synthetic/shards/train-*.tar' --out data/latents/tokenizer-tiny --split train
+
+Letters: B batch, N slots, C channels, G levels of the merge grid.
+
+The tokenizer is a stage-1 checkpoint, a stage-2/3 checkpoint (its tokenizer) or an export folder.
+The cache (`vlt.data.cache.LatentCache`) gets the tokenizer's global pattern, latent shards, per-rank
+channel sums and a completion record. With a global pattern and `distortion=True` (the default)
+every image is also reconstructed at every K of the grid: its PSNR curve and PNG size go into the
+sample's json meta and a curves sidecar for `vlt allocate`.
+
+Under torchrun/srun each rank reads its exactly-once share of the shards (the validation pipeline
+of `WebDataModule`) and writes its own files; statistics combine on read, so no process group is
+needed.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import webdataset as wds
+from torch import Tensor
+
+from vlt.adaptive.distortion import png_size, psnr_curves
+from vlt.data.cache import Curves, LatentCache
+from vlt.data.datamodule import WebDataModule
+from vlt.data.labels import check_labels, data_classes
+from vlt.data.transforms import to_uint8
+from vlt.paths import check_name
+from vlt.stages import VariableLengthTokenizer, load
+
+
+def _rank_world() -> tuple[int, int]:
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
+@dataclass
+class _Totals:
+    """Running channel sums of the latents and the curve rows of one rank."""
+
+    channels: int
+    count: int = 0
+    total: Tensor = field(init=False)
+    total_sq: Tensor = field(init=False)
+    rows: dict[str, list] = field(default_factory=lambda: {n: [] for n in Curves._fields if n != "grid"})
+
+    def __post_init__(self) -> None:
+        self.total = torch.zeros(self.channels, dtype=torch.float64)
+        self.total_sq = torch.zeros(self.channels, dtype=torch.float64)
+
+
+def _write_batch(model: VariableLengthTokenizer, batch: dict, grid: list[int], sink, totals: _Totals) -> None:
+    """Encode one batch, update the sums and write one latent sample per image (labels checked)."""
+    z = model.encode(batch["image"]).double()  # (B, N, C)
+    totals.total += z.sum(dim=(0, 1))
+    totals.total_sq += z.pow(2).sum(dim=(0, 1))
+    totals.count += len(batch["key"])
+    curves = psnr_curves(model, batch["image"], grid, z=z.float()) if grid else None  # (B, G)
+    pixels = to_uint8(batch["image"]) if grid else None  # (B, H, W, 3)
+    for i, key in enumerate(batch["key"]):
+        meta = {"label": int(batch["label"][i]), "complexity": int(batch["complexity"][i]), "key": key}
+        if curves is not None:
+            meta["psnr"] = [float(p) for p in curves[i]]
+            meta["png_bytes"] = png_size(pixels[i])
+            for name in totals.rows:
+                totals.rows[name].append(meta["key" if name == "keys" else name])
+        sink.write(
+            {"__key__": key, "latent.npy": z[i].float().numpy(), "cls": str(meta["label"]), "json": meta}
+        )
+
+
+def _finish(
+    cache: LatentCache, split: str, rank: int, cfg, totals: _Totals, grid: list[int], meta: dict
+) -> None:
+    """Statistics, curves and the completion record of this rank's part of the split."""
+    cache.write_stats(split, rank, totals.count * cfg.n_slots, totals.total, totals.total_sq)
+    if grid:
+        cache.save_curves(split, rank, Curves(**totals.rows, grid=grid))
+    seconds = round(time.time() - meta.pop("start"), 1)
+    meta |= {"n_slots": cfg.n_slots, "channels": cfg.channels, "samples": totals.count, "seconds": seconds}
+    cache.finish(split, rank, {**meta, "distortion_grid": grid})
+    print(
+        f"cache-latents: {totals.count} {split} latents ({cfg.n_slots}x{cfg.channels}) on rank "
+        f"{rank}/{meta['world_size']}, {meta['skipped']} skipped, {seconds} s -> {cache.root}"
+    )
+
+
+def cache_latents(
+    *,
+    tokenizer: str,
+    shards: str | list[str],
+    out: str,
+    split: str = "train",
+    batch_size: int = 256,
+    num_workers: int = 1,
+    shard_size: int = 5000,
+    overwrite: bool = False,
+    distortion: bool = True,
+) -> Path:
+    """Encode image shards with a tokenizer into latent shards plus statistics.
+
+    Args:
+        tokenizer: a stage-1 checkpoint (EMA weights when EMA was on), a stage-2/3 checkpoint or an
+            export folder.
+        shards: image shard spec (paths, brace/glob patterns, lists, `pipe:` urls).
+        out: output folder of the cache.
+        split: name of this split ("train" statistics normalise every split).
+        batch_size: images per encoder call.
+        num_workers: decode workers.
+        shard_size: latents per output shard.
+        overwrite: replace a finished cache of this split instead of refusing.
+        distortion: also measure per-image PSNR at every K of the pattern (G extra decodes per image)
+            for content-adaptive allocation; ignored for per-image (ToMe) tokenizers.
+    """
+    rank, world = _rank_world()
+    check_name(split, "--split")
+    cache = LatentCache(out)
+    cache.start(split, rank, overwrite=overwrite)
+    model = load(tokenizer, part="tokenizer").eval()
+    cfg = model.cfg
+    if model.pattern is not None and rank == 0:
+        cache.save_pattern(model.pattern)
+    data = WebDataModule(
+        val=shards, image_size=cfg.image_size, val_batch_size=batch_size, num_workers=num_workers
+    )
+    data.setup("validate")
+    grid = model.ks if model.pattern is not None and distortion else []
+    start, totals = time.time(), _Totals(cfg.channels)
+    with (
+        wds.ShardWriter(cache.shard_pattern(split, rank), maxcount=shard_size, verbose=0) as sink,
+        torch.no_grad(),
+    ):
+        for batch in data.val_dataloader():
+            where = f"cache-latents of {shards}"
+            check_labels(batch["label"], data_classes(data.info), where=where, keys=batch["key"])
+            _write_batch(model, batch, grid, sink, totals)
+    meta = {"tokenizer": str(tokenizer), "world_size": world, "skipped": data.skipped, "start": start}
+    _finish(cache, split, rank, cfg, totals, grid, meta)
+    return cache.root
