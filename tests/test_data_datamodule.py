@@ -69,7 +69,8 @@ def test_validation_reads_every_sample_exactly_once(shards, monkeypatch, val):
     assert all(per_rank), "each rank gets some shards here"
 
 
-def test_shard_spec_forms_read_the_same_samples(shards):
+def test_shard_spec_forms_read_the_same_samples(shards, monkeypatch):
+    monkeypatch.setenv("VLT_ALLOW_PIPE", "1")  # `pipe:` runs a shell command: opt-in only
     paths = [str(shards / f"val-{i:06d}.tar") for i in range(4)]
     specs = [
         str(shards / "val-{000000..000003}.tar"),
@@ -185,4 +186,4 @@ def test_trainer_logs_skipped_samples(corrupt, tmp_path):
     assert sum(isinstance(c, SkippedSamples) for c in trainer.callbacks) == 1
     assert dm.skipped >= 3  # the validation pass alone meets all three bad samples
     assert trainer.callback_metrics["data/skipped"].item() == dm.skipped
-    assert dm.state_dict() == {"skipped": dm.skipped}
+    assert dm.state_dict() == {"skipped": dm.skipped, "shard_errors": 0}

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from vlt import runs
 
@@ -16,8 +17,9 @@ SLURM_REQUEUED = {"SLURM_JOB_ID": "42", "SLURM_RESTART_COUNT": "1"}
 
 
 def _touch(path: Path, mtime: int) -> Path:
+    """A small but real checkpoint file with the given mtime (resumes only pick files that load)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(b"x")
+    torch.save({"state_dict": {}, "global_step": mtime}, path)
     os.utime(path, ns=(mtime * 10**9, mtime * 10**9))
     return path
 
@@ -32,11 +34,11 @@ def populated(tmp_path: Path) -> Path:
     return run
 
 
-def test_fresh_or_checkpointless_dir_starts_fresh(tmp_path: Path) -> None:
+def test_fresh_or_empty_dir_starts_fresh(tmp_path: Path) -> None:
     assert runs.resume_path(tmp_path / "missing", ckpt_path=None, env={}) is None
-    run = tmp_path / "logs-only"
+    run = tmp_path / "config-only"
     (run / "checkpoints").mkdir(parents=True)
-    (run / "events.out.tfevents.1.host").write_bytes(b"")
+    (run / "config.yaml").write_text("name: x\n")  # a run that failed at setup left nothing to mix
     assert runs.resume_path(run, ckpt_path=None, env={}) is None
 
 
@@ -99,7 +101,7 @@ def test_check_command(
     assert runs.main(["check", str(tmp_path / "new")]) == 0
     assert runs.main(["check", str(populated), "--ckpt_path", "last"]) == 0
     assert runs.main(["check", str(populated)]) == 1
-    assert "already holds checkpoints" in capsys.readouterr().err
+    assert "already holds outputs" in capsys.readouterr().err
 
 
 @pytest.mark.slow
@@ -137,5 +139,5 @@ def test_submit_helper_composes_the_job(tmp_path: Path) -> None:
     _touch(tmp_path / "runs" / "exp" / "checkpoints" / "last.ckpt", 1000)
     (fake.parent / "args").unlink()
     again = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600, cwd=tmp_path)
-    assert again.returncode != 0 and "already holds checkpoints" in again.stderr
+    assert again.returncode != 0 and "already holds outputs" in again.stderr
     assert not (fake.parent / "args").exists()

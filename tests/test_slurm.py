@@ -210,4 +210,4 @@ def test_plain_fit_is_not_a_slurm_job(cluster: None, shards: Path, tmp_path: Pat
     assert (tmp_path / "plain" / "checkpoints" / "last.ckpt").is_file()
 
     again = _run(cmd, cwd=tmp_path)
-    assert again.returncode != 0 and "already holds checkpoints" in again.stderr
+    assert again.returncode != 0 and "already holds outputs" in again.stderr

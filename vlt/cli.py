@@ -18,11 +18,14 @@ import json
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import jsonargparse
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from vlt import runs
+from vlt.checkpoints import load_checkpoint
+from vlt.paths import check_name
 
 # Extra commands: name -> "module:function-or-list" resolved lazily, so `vlt fit` never imports them.
 TOOLS: dict[str, str] = {
@@ -33,6 +36,14 @@ TOOLS: dict[str, str] = {
     "curves": "vlt.callbacks.curves:curves",
     "allocate": "vlt.adaptive.command:allocate",
 }
+# Model init args that name a checkpoint file, and the stage that file must be.
+CHECKPOINT_ARGS: dict[str, str] = {
+    "tokenizer": "tokenizer",
+    "init_from_tokenizer": "tokenizer",
+    "init_from_dit": "dit",
+}
+# The stage of each LightningModule, for `--ckpt_path`.
+MODEL_STAGES: dict[str, str] = {"LitTokenizer": "tokenizer", "LitDiT": "dit", "LitJoint": "joint"}
 
 
 class VLTCLI(LightningCLI):
@@ -72,8 +83,9 @@ class VLTCLI(LightningCLI):
         events and config.yaml in the same place.
         """
         config = self.config[self.subcommand] if self.subcommand else self.config
+        run_dir = str(Path(config.runs_dir) / check_name(config.name, "--name"))
+        check_checkpoint_args(config.get("model"))  # before any of those files is read
         resolve_model_sources(config)
-        run_dir = str(Path(config.runs_dir) / config.name)
         trainer = config.trainer
         if trainer.default_root_dir is None:
             trainer.default_root_dir = run_dir
@@ -87,6 +99,26 @@ class VLTCLI(LightningCLI):
         """Refuse to reuse a run directory by accident; a SLURM requeue resumes from its newest checkpoint."""
         init = self.config_init[self.subcommand]
         init["ckpt_path"] = runs.prepare_fit(self.trainer, ckpt_path=init.get("ckpt_path"))
+        check_ckpt_path(init["ckpt_path"], self.model)
+
+    def before_validate(self) -> None:
+        check_ckpt_path(self.config_init[self.subcommand].get("ckpt_path"), self.model)
+
+
+def check_checkpoint_args(model: Any) -> None:
+    """Every checkpoint a model's init args name loads safely and is of the stage its key needs."""
+    init_args = (model.get("init_args") if hasattr(model, "get") else None) or {}
+    for key, stage in CHECKPOINT_ARGS.items():
+        value = init_args.get(key) if hasattr(init_args, "get") else None
+        if isinstance(value, str) and value and not Path(value).is_dir():  # a folder: a safetensors export
+            load_checkpoint(value, expect=stage, config_key=f"model.init_args.{key}")
+
+
+def check_ckpt_path(path: str | None, model: Any) -> None:
+    """`--ckpt_path` must be a checkpoint of the model's own stage (checked before any step runs)."""
+    stage = MODEL_STAGES.get(type(model).__name__)
+    if path and path not in ("last", "best", "hpc") and stage is not None:
+        load_checkpoint(path, expect=stage, config_key="--ckpt_path")
 
 
 def resolve_model_sources(config) -> None:

@@ -12,7 +12,6 @@ import math
 from dataclasses import asdict, dataclass, field
 from typing import Literal
 
-import torch
 from torch import nn, optim
 
 from vlt.models.merging import MergeMode
@@ -126,15 +125,3 @@ def param_groups(module: nn.Module, weight_decay: float) -> list[dict]:
     decay = [p for p in module.parameters() if p.requires_grad and p.ndim >= 2]
     no_decay = [p for p in module.parameters() if p.requires_grad and p.ndim < 2]
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-
-
-def allow_in_checkpoints(*classes: type) -> None:
-    """Let `torch.load(weights_only=True)` (Lightning's default) rebuild these config dataclasses.
-
-    Checkpoints store hyperparameters as the dataclasses themselves; only vlt's own, plain classes
-    are allow-listed.
-    """
-    torch.serialization.add_safe_globals(list(classes))
-
-
-allow_in_checkpoints(MergeSpec, LossSpec, OptimSpec, JointSpec, PartLR, AlignEncoderSpec)

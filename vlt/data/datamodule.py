@@ -17,6 +17,7 @@ from __future__ import annotations
 import functools
 import itertools
 import logging
+import os
 from collections.abc import Iterator
 from typing import Any, Literal
 
@@ -25,8 +26,10 @@ import webdataset as wds
 from lightning.pytorch.callbacks import Callback
 
 from vlt.data.cache import load_allocation, load_ks
+from vlt.data.seeds import SeededShuffle, rank_seed, worker_seed
 from vlt.data.shards import resolve_shards, shard_info
 from vlt.data.stream import (
+    SKIPS_ONLY,
     SkipTally,
     attach_ks,
     batch_records,
@@ -51,13 +54,17 @@ class WebDataModule(L.LightningDataModule):
     own tar reader (`vlt.data.tario`, ~4x faster than tarfile on small images).
     Train: shards resampled with replacement on every rank and worker (no node splitting) and
     exactly `batches_per_epoch` batches per epoch on EVERY rank, because unequal batch counts hang
-    DDP. The stream is not bit-reproducible (shard draws use fresh randomness).
+    DDP. Shard draws, sample shuffling and augmentations derive from `seed`, the rank and the worker,
+    so a rerun with the same seed (and the same ranks and workers) reads exactly the same batches.
     Validation: shards split by rank then by worker, read once in order: every sample exactly once
     across ranks and workers; ranks may get different batch counts (Lightning allows that in eval).
 
-    Skipped samples (bad bytes, missing members) are counted in `skipped` (this rank's total), warned
-    about with their keys, and logged as `data/skipped` by the `SkippedSamples` callback, which
-    `setup()` adds to the trainer when it is missing.
+    Skipped samples (bad bytes, missing members, bad labels or metadata) are counted in `skipped`
+    (this rank's total), shard-level errors (truncated or corrupt shards, failing `pipe:` commands)
+    in `shard_errors`; both are warned about with keys or shard names and logged as `data/skipped`
+    and `data/shard_errors` by the `SkippedSamples` callback, which `setup()` adds to the trainer
+    when it is missing. A training stream in which nothing decodes raises `StreamError` after
+    `max_bad_in_a_row` consecutive bad samples or shards, or `max_idle_s` without a sample.
 
     Args:
         train: shard spec of the training set (None: no train loader).
@@ -71,11 +78,16 @@ class WebDataModule(L.LightningDataModule):
         shuffle_buffer: samples in the training shuffle buffer (0: no sample shuffling).
         random_flip: random horizontal flips for training images.
         crop: "center" or "random" square crop for training images (validation is always centred).
-        seed: seed of the augmentation random numbers (mixed with rank and worker).
+        seed: seed of shard resampling, sample shuffling and augmentations (mixed with rank, worker
+            and epoch); None: the global seed set by `seed_everything` (PL_GLOBAL_SEED), else 0.
         allocation: allocation.json (or its cache folder) written by `vlt allocate`; kind="latents"
             only. Each record gets `k` = K_i by key (k-train.npz for the train loader, k-val.npz for
             val; keys it lacks are skipped and counted) and batches are bucketed by K: at most
             G * (batch_size - 1) records wait in the G buckets of each reader.
+        allow_pipe: allow `pipe:` shard urls, which run shell commands (also VLT_ALLOW_PIPE=1).
+        max_bad_in_a_row: training stream: consecutive bad samples or shard errors before it fails.
+        max_idle_s: training stream: seconds without a decoded sample before it fails (with
+            workers, also the loader's timeout for one batch).
     """
 
     def __init__(
@@ -92,8 +104,11 @@ class WebDataModule(L.LightningDataModule):
         shuffle_buffer: int = 1000,
         random_flip: bool = True,
         crop: Literal["center", "random"] = "center",
-        seed: int = 0,
+        seed: int | None = None,
         allocation: str | None = None,
+        allow_pipe: bool = False,
+        max_bad_in_a_row: int = 1000,
+        max_idle_s: float = 600.0,
     ) -> None:
         super().__init__()
         if kind not in KINDS:
@@ -112,15 +127,18 @@ class WebDataModule(L.LightningDataModule):
         self.val_batch_size = val_batch_size or batch_size
         self.num_workers, self.batches_per_epoch = num_workers, batches_per_epoch
         self.shuffle_buffer, self.random_flip, self.crop, self.seed = shuffle_buffer, random_flip, crop, seed
-        self.skipped = 0
+        self.allow_pipe, self.max_bad_in_a_row, self.max_idle_s = allow_pipe, max_bad_in_a_row, max_idle_s
+        self.skipped = self.shard_errors = 0
         self._warned = 0
         self.train_urls: list[str] | None = None
         self.val_urls: list[str] | None = None
 
     def setup(self, stage: str | None = None) -> None:
         """Resolve the shard specs (a ValueError names a pattern that matches nothing)."""
-        self.train_urls = resolve_shards(self.train) if self.train is not None else None
-        self.val_urls = resolve_shards(self.val) if self.val is not None else None
+        self.train_urls = (
+            resolve_shards(self.train, allow_pipe=self.allow_pipe) if self.train is not None else None
+        )
+        self.val_urls = resolve_shards(self.val, allow_pipe=self.allow_pipe) if self.val is not None else None
         if self.allocation is not None:
             load_allocation(self.allocation)  # a missing file fails here, naming `vlt allocate`
         trainer = self.trainer
@@ -131,12 +149,17 @@ class WebDataModule(L.LightningDataModule):
     def info(self) -> dict[str, Any] | None:
         """info.json of the first train shard's folder (else val's), or None if there is none."""
         spec = self.train if self.train is not None else self.val
-        return shard_info(resolve_shards(spec)) if spec is not None else None
+        return shard_info(resolve_shards(spec, allow_pipe=self.allow_pipe)) if spec is not None else None
 
-    def _stages(self, tally: SkipTally, *, train: bool) -> list:
+    @property
+    def stream_seed(self) -> int:
+        """`seed`, or the global seed of `seed_everything`, or 0."""
+        return self.seed if self.seed is not None else int(os.environ.get("PL_GLOBAL_SEED", 0))
+
+    def _stages(self, tally: SkipTally, *, train: bool, seed: int) -> list:
         """tar reading, (train: sample shuffle), decode, batch: the stages after the shard list."""
         read = functools.partial(tar_samples, handler=tally.handler)
-        shuffle = [wds.shuffle(self.shuffle_buffer)] if train and self.shuffle_buffer > 0 else []
+        shuffle = [SeededShuffle(self.shuffle_buffer, seed)] if train and self.shuffle_buffer > 0 else []
         if self.kind == "images":
             decode = functools.partial(
                 decode_images,
@@ -144,7 +167,7 @@ class WebDataModule(L.LightningDataModule):
                 size=self.image_size,
                 crop=self.crop if train else "center",
                 flip=self.random_flip and train,
-                seed=self.seed,
+                seed=seed,
             )
             collate = collate_images
         else:
@@ -157,18 +180,37 @@ class WebDataModule(L.LightningDataModule):
         ks = load_ks(self.allocation, "train" if train else "val")
         return [read, *shuffle, decode, functools.partial(attach_ks, ks=ks, tally=tally), batch]
 
-    def _loader(self, pipeline: wds.DataPipeline) -> wds.WebLoader:
+    def _loader(self, pipeline: wds.DataPipeline, *, timeout: float = 0) -> wds.DataPipeline:
+        """The DataLoader, then (in this process) the stage that takes the skip counts off each batch."""
         workers = self.num_workers
-        return wds.WebLoader(pipeline, batch_size=None, num_workers=workers, persistent_workers=workers > 0)
+        loader = wds.WebLoader(
+            pipeline,
+            batch_size=None,
+            num_workers=workers,
+            persistent_workers=workers > 0,
+            timeout=timeout if workers > 0 else 0,
+        )
+        return loader.compose(self._account)
+
+    def _account(self, src: Iterator[dict]) -> Iterator[dict]:
+        """Pop the counts the readers attached to each batch; drop skips-only records."""
+        for batch in src:
+            self.on_after_batch_transfer(batch, 0)
+            if not batch.pop(SKIPS_ONLY, False):
+                yield batch
 
     def train_dataloader(self) -> wds.WebLoader:
         if self.train_urls is None:
             raise ValueError("WebDataModule has no train shards: pass train=... and call setup() first")
-        tally = SkipTally()
+        tally = SkipTally(max_bad=self.max_bad_in_a_row, max_idle_s=self.max_idle_s)
         # Every rank and worker draws shards with replacement (no node splitting): the stream never
         # ends, so each rank can deliver exactly batches_per_epoch batches.
-        pipeline = wds.DataPipeline(wds.ResampledShards(self.train_urls), *self._stages(tally, train=True))
-        loader = self._loader(pipeline)
+        seed = rank_seed(self.stream_seed, self._rank()[0])
+        shards = wds.ResampledShards(
+            self.train_urls, seed=seed, deterministic=True, worker_seed=functools.partial(worker_seed, 0)
+        )
+        pipeline = wds.DataPipeline(shards, *self._stages(tally, train=True, seed=seed))
+        loader = self._loader(pipeline, timeout=self.max_idle_s)
         # with_epoch on the loader (not the dataset) counts batches of all workers together
         return loader.with_epoch(self.batches_per_epoch).with_length(self.batches_per_epoch, silent=True)
 
@@ -185,7 +227,7 @@ class WebDataModule(L.LightningDataModule):
             wds.SimpleShardList(self.val_urls),
             functools.partial(take_every, start=rank, step=world_size),
             wds.split_by_worker,
-            *self._stages(tally, train=False),
+            *self._stages(tally, train=False, seed=rank_seed(self.stream_seed, rank)),
         )
         return self._loader(pipeline)
 
@@ -197,27 +239,32 @@ class WebDataModule(L.LightningDataModule):
         return rank, world_size
 
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
-        """Pop the skip count the workers attached to the batch, add it to `skipped`, warn with keys."""
+        """Pop the skip counts the readers attached to the batch (if still there) and count them."""
         if isinstance(batch, dict) and "n_skipped" in batch:
             n, keys = int(batch.pop("n_skipped")), batch.pop("skipped_keys", [])
-            self.count_skipped(n, keys)
+            self.count_skipped(n, keys, shard_errors=int(batch.pop("n_shard_errors", 0)))
         return batch
 
-    def count_skipped(self, n: int, keys: list[str]) -> None:
-        """Add n skipped samples; the first WARN_KEYS bad keys of the run are named in a warning."""
-        if n <= 0:
+    def count_skipped(self, n: int, keys: list[str], *, shard_errors: int = 0) -> None:
+        """Add n skipped samples and shard errors; the first WARN_KEYS notes of the run are warned."""
+        if n <= 0 and shard_errors <= 0:
             return
         self.skipped += n
+        self.shard_errors += shard_errors
         if self._warned < WARN_KEYS:
             shown = keys[: WARN_KEYS - self._warned]
             self._warned += len(shown)
-            log.warning("skipped %d bad samples (total %d): %s", n, self.skipped, "; ".join(shown))
+            log.warning(
+                "skipped %d bad samples, %d shard errors (totals %d, %d): %s",
+                n, shard_errors, self.skipped, self.shard_errors, "; ".join(shown),
+            )  # fmt: skip
 
     def state_dict(self) -> dict[str, Any]:
-        return {"skipped": self.skipped}
+        return {"skipped": self.skipped, "shard_errors": self.shard_errors}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.skipped = int(state_dict.get("skipped", 0))
+        self.shard_errors = int(state_dict.get("shard_errors", 0))
 
 
 def take_every(src: Iterator[Any], *, start: int, step: int) -> Iterator[Any]:
@@ -234,9 +281,10 @@ class SkippedSamples(Callback):
     """
 
     def _log(self, trainer: L.Trainer, pl_module: L.LightningModule, **kw: Any) -> None:
-        skipped = getattr(trainer.datamodule, "skipped", None)
-        if skipped is not None:
-            pl_module.log("data/skipped", float(skipped), batch_size=1, **kw)
+        for name in ("skipped", "shard_errors"):
+            value = getattr(trainer.datamodule, name, None)
+            if value is not None:
+                pl_module.log(f"data/{name}", float(value), batch_size=1, **kw)
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
         self._log(trainer, pl_module, on_step=True, on_epoch=False)

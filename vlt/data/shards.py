@@ -19,6 +19,7 @@ import braceexpand
 import webdataset as wds
 
 SPLITS: tuple[str, ...] = ("train", "val")
+PIPE_ENV = "VLT_ALLOW_PIPE"
 HINT = "build the embedded sets with `make data` (or `vlt data ...`), or check the path"
 
 
@@ -26,12 +27,28 @@ def _is_remote(spec: str) -> bool:
     return spec.startswith("pipe:") or "://" in spec
 
 
-def resolve_shards(spec: str | list[str]) -> list[str]:
+def pipes_allowed(allow_pipe: bool = False) -> bool:
+    """`pipe:` urls run shell commands: only with allow_pipe=True or VLT_ALLOW_PIPE=1 in the environment."""
+    return allow_pipe or os.environ.get(PIPE_ENV, "").strip().lower() in ("1", "true", "yes")
+
+
+def check_pipe(url: str, allow_pipe: bool = False) -> None:
+    """Refuse a `pipe:` url unless pipes are allowed, naming the command and the opt-in."""
+    if url.startswith("pipe:") and not pipes_allowed(allow_pipe):
+        raise ValueError(
+            f"shard url {url!r} runs the shell command {url[5:]!r}; `pipe:` urls are off by default "
+            f"because a shared config could run anything. Allow them with {PIPE_ENV}=1 in the "
+            "environment or data.init_args.allow_pipe=true, after checking the command"
+        )
+
+
+def resolve_shards(spec: str | list[str], *, allow_pipe: bool = False) -> list[str]:
     """Expand a shard spec into a list of urls, raising a ValueError that names what matched nothing.
 
     Accepts a local path, a brace pattern (`x/train-{000000..000009}.tar`), a glob pattern
     (`x/train-*.tar`, expanded here and sorted, since webdataset does not glob), a list of any of
-    these, and `pipe:`/`scheme://` urls, which are brace-expanded and passed through unchecked.
+    these, and `scheme://` urls, which are brace-expanded and passed through unchecked; `pipe:`
+    urls too, only when allowed (`check_pipe`).
     Failing here, at setup, beats a DataLoader that hangs or a worker that dies later.
     """
     specs = [spec] if isinstance(spec, str) else list(spec)
@@ -39,6 +56,7 @@ def resolve_shards(spec: str | list[str]) -> list[str]:
     for item in specs:
         found: list[str] = []
         for url in braceexpand.braceexpand(str(item)):
+            check_pipe(url, allow_pipe)
             if _is_remote(url):
                 found.append(url)
             elif glob.has_magic(url):

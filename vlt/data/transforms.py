@@ -9,16 +9,18 @@ tensor: per-sample float conversion is the main per-sample cost on small images.
 
 from __future__ import annotations
 
+import functools
 import io
 from typing import Literal
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageCms, ImageOps
 
 Crop = Literal["center", "random"]
 CROPS: tuple[str, ...] = ("center", "random")
 IMAGE_EXTENSIONS: tuple[str, ...] = ("png", "jpg", "jpeg", "webp")
+ALPHA_BACKGROUND = (255, 255, 255, 255)  # transparent pixels become white (see `to_rgb`)
 
 
 def check_crop(crop: str) -> None:
@@ -28,7 +30,7 @@ def check_crop(crop: str) -> None:
 
 
 def decode_image(data: bytes, size: int | None = None) -> Image.Image:
-    """Decode image bytes to an RGB PIL image; raises (OSError, ValueError, ...) on bad bytes.
+    """Decode image bytes to an RGB PIL image (`to_rgb`); raises (OSError, ValueError, ...) on bad bytes.
 
     `size` lets JPEG decode at a reduced scale (`draft`), which is several times faster for large
     photos that are resized to a small `size` afterwards anyway.
@@ -37,7 +39,40 @@ def decode_image(data: bytes, size: int | None = None) -> Image.Image:
     if size is not None and img.format == "JPEG":
         img.draft("RGB", (size, size))
     img.load()  # force the full decode here so truncated files fail now, not later
-    return img if img.mode == "RGB" else img.convert("RGB")
+    return to_rgb(img)
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Any PIL mode and bit depth -> an 8-bit RGB image, upright (EXIF orientation applied).
+
+    - 16-bit integer modes (I;16*, and I, which is how 16-bit PNG/TIFF data arrives) are scaled from
+      0..65535 to 0..255 (x / 257), not clipped at 255 as PIL's own conversion does;
+    - F (32-bit float) is read as 0..1 (values outside are clipped);
+    - alpha (RGBA, LA, La, PA, RGBa, P with a transparency key) is composited over WHITE: what a
+      viewer shows on a page, and what transparent pixels of logos and icons are meant to be;
+    - LAB goes through a CIE L*a*b* -> sRGB transform; CMYK, YCbCr, HSV, 1, L, P through PIL.
+    """
+    img = ImageOps.exif_transpose(img)
+    mode = img.mode
+    if mode == "RGB":
+        return img
+    if mode.startswith("I") or mode == "F":
+        gray = np.asarray(img, dtype=np.float64)  # (H, W)
+        gray = gray * 255.0 if mode == "F" else gray / 257.0
+        gray8 = np.clip(np.rint(gray), 0, 255).astype(np.uint8)
+        return Image.fromarray(np.repeat(gray8[..., None], 3, axis=2), "RGB")
+    if mode == "LAB":
+        return ImageCms.applyTransform(img, _lab_to_srgb())
+    if mode in ("RGBA", "LA", "La", "PA", "RGBa") or (mode == "P" and "transparency" in img.info):
+        rgba = img.convert("RGBA") if mode != "La" else img.convert("LA").convert("RGBA")
+        return Image.alpha_composite(Image.new("RGBA", rgba.size, ALPHA_BACKGROUND), rgba).convert("RGB")
+    return img.convert("RGB")
+
+
+@functools.cache
+def _lab_to_srgb() -> ImageCms.ImageCmsTransform:
+    lab, srgb = ImageCms.createProfile("LAB"), ImageCms.createProfile("sRGB")
+    return ImageCms.buildTransform(lab, srgb, "LAB", "RGB")
 
 
 def resize_short_side(img: Image.Image, size: int) -> Image.Image:

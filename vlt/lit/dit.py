@@ -32,14 +32,12 @@ from vlt.models.dit import DiTConfig
 from vlt.models.pattern import PatternKind
 from vlt.models.tokenizer import TokenizerConfig
 from vlt.objectives.flow import FlowSpec
-from vlt.specs import OptimSpec, allow_in_checkpoints, param_groups
+from vlt.specs import OptimSpec, param_groups
 from vlt.stages import AdaptiveSamples, LatentGenerator, load
 from vlt.stages.export import build_generator
 
 KSource = Literal["cycle", "data"]
 K_SOURCES: tuple[str, ...] = get_args(KSource)
-
-allow_in_checkpoints(DiTConfig, FlowSpec, TokenizerConfig)
 
 
 def paper_cycle(n: int) -> list[int]:

@@ -23,10 +23,8 @@ from vlt.models.merging import Merger, MergeResult
 from vlt.models.pattern import MergePattern
 from vlt.models.tokenizer import Tokenizer, TokenizerConfig
 from vlt.objectives.recon import ReconLoss, psnr
-from vlt.specs import LossSpec, MergeSpec, OptimSpec, allow_in_checkpoints, param_groups
+from vlt.specs import LossSpec, MergeSpec, OptimSpec, param_groups
 from vlt.stages.tokenizer import VariableLengthTokenizer
-
-allow_in_checkpoints(TokenizerConfig)
 
 
 class LitTokenizer(L.LightningModule):

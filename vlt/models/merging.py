@@ -118,6 +118,11 @@ def hierarchy(
     if bad or not ks:
         raise ValueError(f"cluster counts {list(ks)} must be a non-empty list of K in [1, {n}]")
     dist = np.clip(1.0 - similarity(e, noise=noise, blocks=blocks, generator=generator), 0.0, None)
+    if not np.isfinite(dist).all():
+        raise FloatingPointError(
+            "merge embeddings are not finite (NaN/inf similarities): training diverged; lower "
+            "model.init_args.optim.lr or set trainer.gradient_clip_val"
+        )
     np.fill_diagonal(dist, 0.0)
     tree = linkage(squareform(dist, checks=False), method="average") if n > 1 else np.zeros((0, 4))
     cuts = cut_levels(tree, n, ks)

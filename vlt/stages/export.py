@@ -10,10 +10,11 @@ An export is one folder per object, the layout model hubs upload and download as
     model.safetensors  the weights (a checkpoint's saved weights: the EMA average when EMA was on)
     pattern.json       the global merge pattern, readable (the same values are in the weights)
 
-Checkpoints are read with `torch.load(weights_only=True)`: only tensors, containers and vlt's own
-allow-listed config dataclasses are rebuilt, never arbitrary pickled objects. A checkpoint names its
-stage in `vlt_stage` ("tokenizer", "dit" or "joint"); stage 2 and 3 checkpoints hold a generator
-(`generator.*` keys, tokenizer included), stage 1 checkpoints the training-time tokenizer + merger.
+Checkpoints are read by `vlt.checkpoints.load_checkpoint` (`torch.load(weights_only=True)`): only
+tensors, containers and vlt's own allow-listed config dataclasses are rebuilt, never arbitrary objects.
+A checkpoint names its stage in `vlt_stage` ("tokenizer", "dit" or "joint"); stage 2 and 3
+checkpoints hold a generator (`generator.*` keys, tokenizer included), stage 1 checkpoints the
+training-time tokenizer + merger.
 """
 
 from __future__ import annotations
@@ -26,50 +27,23 @@ from typing import Any, Literal
 import torch
 from safetensors.torch import load_model, save_model
 
+from vlt.checkpoints import STAGES, WrongStageError, checkpoint_stage, load_checkpoint
 from vlt.models.dit import DiTConfig
 from vlt.models.merging import Merger
 from vlt.models.pattern import MergePattern
 from vlt.models.tokenizer import TokenizerConfig
 from vlt.objectives.flow import FlowSpec
-from vlt.specs import allow_in_checkpoints
 from vlt.stages.generator import LatentGenerator
 from vlt.stages.tokenizer import VariableLengthTokenizer
 
 FORMAT, VERSION = "vlt", 1
 Part = Literal["tokenizer", "generator"]
-Stage = Literal["tokenizer", "dit", "joint"]
-STAGES: tuple[str, ...] = ("tokenizer", "dit", "joint")
-
-allow_in_checkpoints(TokenizerConfig, DiTConfig, FlowSpec)
 
 
 # --- checkpoints ---
-def read_checkpoint(path: str | Path) -> dict[str, Any]:
-    """A Lightning checkpoint as a dict, loaded with weights_only=True (no code runs from the file)."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {path} does not exist")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:
-        raise ValueError(
-            f"{path} is not a loadable vlt checkpoint ({type(err).__name__}: {str(err)[:300]}); only "
-            "tensors, containers and vlt's config classes are accepted (weights_only=True)"
-        ) from err
-
-
-def checkpoint_stage(ckpt: dict[str, Any]) -> Stage:
-    """The stage a checkpoint belongs to: its `vlt_stage` marker, else what its hyper-parameters hold."""
-    if ckpt.get("vlt_stage") in STAGES:
-        return ckpt["vlt_stage"]
-    hp = ckpt.get("hyper_parameters", {})
-    if "init_from_dit" in hp:
-        return "joint"
-    if "dit" in hp:
-        return "dit"
-    if "merge" in hp and "tokenizer" in hp:
-        return "tokenizer"
-    raise ValueError("not a vlt stage checkpoint: no `vlt_stage` marker and no stage hyper-parameters")
+def read_checkpoint(path: str | Path, *, config_key: str | None = None) -> dict[str, Any]:
+    """A Lightning checkpoint as a dict, loaded safely (`vlt.checkpoints.load_checkpoint`)."""
+    return load_checkpoint(path, config_key=config_key)
 
 
 def _prefixed(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
@@ -181,6 +155,10 @@ def load(path: str | Path, *, part: Part | None = None) -> VariableLengthTokeniz
     else:
         ckpt = read_checkpoint(path)
         stage = checkpoint_stage(ckpt)
+        if stage not in STAGES:
+            raise WrongStageError(
+                f"{path} is not a vlt stage checkpoint (no stage marker, no stage hyper-parameters)"
+            )
         obj = tokenizer_from_checkpoint(ckpt) if stage == "tokenizer" else generator_from_checkpoint(ckpt)
     if part == "tokenizer" and isinstance(obj, LatentGenerator):
         if obj.tokenizer is None:

@@ -30,7 +30,9 @@ from torch import Tensor
 from vlt.adaptive.distortion import png_size, psnr_curves
 from vlt.data.cache import Curves, LatentCache
 from vlt.data.datamodule import WebDataModule
+from vlt.data.labels import check_labels, data_classes
 from vlt.data.transforms import to_uint8
+from vlt.paths import check_name
 from vlt.stages import VariableLengthTokenizer, load
 
 
@@ -54,7 +56,7 @@ class _Totals:
 
 
 def _write_batch(model: VariableLengthTokenizer, batch: dict, grid: list[int], sink, totals: _Totals) -> None:
-    """Encode one batch, update the sums and write one latent sample per image."""
+    """Encode one batch, update the sums and write one latent sample per image (labels checked)."""
     z = model.encode(batch["image"]).double()  # (B, N, C)
     totals.total += z.sum(dim=(0, 1))
     totals.total_sq += z.pow(2).sum(dim=(0, 1))
@@ -71,6 +73,22 @@ def _write_batch(model: VariableLengthTokenizer, batch: dict, grid: list[int], s
         sink.write(
             {"__key__": key, "latent.npy": z[i].float().numpy(), "cls": str(meta["label"]), "json": meta}
         )
+
+
+def _finish(
+    cache: LatentCache, split: str, rank: int, cfg, totals: _Totals, grid: list[int], meta: dict
+) -> None:
+    """Statistics, curves and the completion record of this rank's part of the split."""
+    cache.write_stats(split, rank, totals.count * cfg.n_slots, totals.total, totals.total_sq)
+    if grid:
+        cache.save_curves(split, rank, Curves(**totals.rows, grid=grid))
+    seconds = round(time.time() - meta.pop("start"), 1)
+    meta |= {"n_slots": cfg.n_slots, "channels": cfg.channels, "samples": totals.count, "seconds": seconds}
+    cache.finish(split, rank, {**meta, "distortion_grid": grid})
+    print(
+        f"cache-latents: {totals.count} {split} latents ({cfg.n_slots}x{cfg.channels}) on rank "
+        f"{rank}/{meta['world_size']}, {meta['skipped']} skipped, {seconds} s -> {cache.root}"
+    )
 
 
 def cache_latents(
@@ -101,6 +119,7 @@ def cache_latents(
             for content-adaptive allocation; ignored for per-image (ToMe) tokenizers.
     """
     rank, world = _rank_world()
+    check_name(split, "--split")
     cache = LatentCache(out)
     cache.start(split, rank, overwrite=overwrite)
     model = load(tokenizer, part="tokenizer").eval()
@@ -118,18 +137,9 @@ def cache_latents(
         torch.no_grad(),
     ):
         for batch in data.val_dataloader():
+            where = f"cache-latents of {shards}"
+            check_labels(batch["label"], data_classes(data.info), where=where, keys=batch["key"])
             _write_batch(model, batch, grid, sink, totals)
-    cache.write_stats(split, rank, totals.count * cfg.n_slots, totals.total, totals.total_sq)
-    if grid:
-        cache.save_curves(split, rank, Curves(**totals.rows, grid=grid))
-    meta = {
-        "tokenizer": str(tokenizer), "n_slots": cfg.n_slots, "channels": cfg.channels, "world_size": world,
-        "samples": totals.count, "skipped": data.skipped, "seconds": round(time.time() - start, 1),
-        "distortion_grid": grid,
-    }  # fmt: skip
-    cache.finish(split, rank, meta)
-    print(
-        f"cache-latents: {totals.count} {split} latents ({cfg.n_slots}x{cfg.channels}) on rank "
-        f"{rank}/{world}, {data.skipped} skipped, {meta['seconds']} s -> {cache.root}"
-    )
+    meta = {"tokenizer": str(tokenizer), "world_size": world, "skipped": data.skipped, "start": start}
+    _finish(cache, split, rank, cfg, totals, grid, meta)
     return cache.root
