@@ -214,3 +214,116 @@ def test_cut_levels_match_scipy_cut_tree() -> None:
         same = (ref[:, col][:, None] == ref[:, col][None, :]) == (ours[k][:, None] == ours[k][None, :])
         assert same.all(), k
     assert np.array_equal(cut_levels(tree, N, [N])[N], np.arange(N))
+
+
+def _hinge_oracle(e: torch.Tensor, z: torch.Tensor, margin: float, blocks: int) -> torch.Tensor:
+    """The in-block hinge written out pair by pair (the reference's block-masked mean)."""
+    n, size = e.shape[0], e.shape[0] // blocks
+    cos_e = torch.nn.functional.cosine_similarity(e[:, None], e[None, :], dim=-1)
+    zn = torch.nn.functional.normalize(z, dim=-1)
+    cos_z = (zn @ zn.transpose(1, 2)).mean(0)
+    total = e.new_zeros(())
+    for i in range(n):
+        for j in range(n):
+            if i // size == j // size:
+                total = total + torch.relu((cos_e[i, j] - cos_z[i, j]).abs() - margin)
+    return total / (blocks * size * size)
+
+
+@pytest.mark.parametrize("blocks", [1, 4])
+def test_alignment_loss_is_the_in_block_mean_of_the_reference(blocks: int) -> None:
+    torch.manual_seed(0)
+    e, z = torch.randn(N, C), torch.randn(3, N, C)
+    torch.testing.assert_close(alignment_loss(e, z, 0.1, blocks), _hinge_oracle(e, z, 0.1, blocks))
+
+
+def test_alignment_gradient_is_zero_across_blocks() -> None:
+    """Changing only cross-block latent cosines (negate one block's slots) changes neither the loss nor
+    its gradient, and a cross-block-only change of e gets no gradient from it."""
+    torch.manual_seed(0)
+    e, z = torch.randn(N, C, requires_grad=True), torch.randn(3, N, C)
+    sign = torch.where(torch.arange(N) < N // 4, -1.0, 1.0)[None, :, None]  # flips block 0 only
+    grads = []
+    for latents in (z, z * sign):
+        e.grad = None
+        loss = alignment_loss(e, latents, 0.1, blocks=4)
+        loss.backward()
+        grads.append((loss.detach(), e.grad.clone()))
+    torch.testing.assert_close(grads[0][0], grads[1][0])
+    torch.testing.assert_close(grads[0][1], grads[1][1])
+    # With all-pairs normalisation (blocks=1) the same change does move the gradient.
+    e.grad = None
+    alignment_loss(e, z, 0.1).backward()
+    g1 = e.grad.clone()
+    e.grad = None
+    alignment_loss(e, z * sign, 0.1).backward()
+    assert not torch.allclose(g1, e.grad)
+
+
+def test_noisy_cuts_match_average_linkage_on_unclipped_distances() -> None:
+    """Near-duplicate embeddings: noisy similarities exceed 1 and distances go negative. The cut must be
+    the reference's (sklearn's precomputed average linkage on 1 - sim, unclipped)."""
+    cluster = pytest.importorskip("sklearn.cluster")
+    from vlt.models.merging import similarity
+
+    torch.manual_seed(0)
+    base = torch.randn(4, C)
+    e = base.repeat_interleave(N // 4, 0) + 1e-4 * torch.randn(N, C)  # 4 groups of near-duplicates
+    differs = 0
+    for seed in range(6):
+        sim = similarity(e, noise=0.1, generator=torch.Generator().manual_seed(seed))
+        assert (1.0 - sim)[~torch.eye(N, dtype=torch.bool).numpy()].min() < 0  # negative distances occur
+        for k in (6, 12, 20):
+            ours = hierarchy(e, [k], noise=0.1, generator=torch.Generator().manual_seed(seed))[k]
+            ref = cluster.AgglomerativeClustering(n_clusters=k, metric="precomputed", linkage="average")
+            labels = torch.from_numpy(ref.fit(1.0 - sim).labels_)
+            assert torch.equal(_first_member_ids(labels), ours.cpu())
+            clipped = cluster.AgglomerativeClustering(n_clusters=k, metric="precomputed", linkage="average")
+            clip_labels = torch.from_numpy(clipped.fit((1.0 - sim).clip(0, None)).labels_)
+            differs += not torch.equal(_first_member_ids(clip_labels), ours)
+    assert differs > 0  # clipping would have changed some of these partitions
+
+
+def _first_member_ids(labels: torch.Tensor) -> torch.Tensor:
+    """Renumber cluster labels by their smallest member slot (the hierarchy's convention)."""
+    order = {}
+    for lab in labels.tolist():
+        order.setdefault(lab, len(order))
+    return torch.tensor([order[lab] for lab in labels.tolist()])
+
+
+def test_prototypes_come_from_normalised_embeddings() -> None:
+    """Gamma_st's gradient is that of softmax(norm(e) . norm(sum of norm(e) in the cluster) / tau):
+    with slot norms that vary, raw-e prototypes would give another gradient."""
+    torch.manual_seed(0)
+    raw = torch.randn(N, C) * torch.logspace(-1, 1, N)[:, None]  # norms over two decades
+    assign = hierarchy(raw, [8])[8]
+    weight = torch.randn(N, 8)
+    e = raw.clone().requires_grad_()
+    (straight_through(e, assign, 8, tau=0.1) * weight).sum().backward()
+    e2 = raw.clone().requires_grad_()
+    en = torch.nn.functional.normalize(e2, dim=-1)
+    gamma = torch.nn.functional.one_hot(assign, 8).float()
+    proto = torch.nn.functional.normalize(gamma.T @ en.detach(), dim=-1)
+    (torch.softmax(en @ proto.T / 0.1, dim=-1) * weight).sum().backward()
+    torch.testing.assert_close(e.grad, e2.grad)
+
+
+def test_tokenizer_step_skips_alignment_at_k_equal_n(monkeypatch) -> None:
+    """On K = N steps nothing merges: the merge embeddings get no gradient at all (no alignment term)."""
+    from vlt.lit import LitTokenizer
+    from vlt.models.tokenizer import TokenizerConfig
+    from vlt.specs import MergeSpec
+
+    torch.manual_seed(0)
+    cfg = TokenizerConfig(width=32, heads=2, enc_depth=1, dec_depth=1)
+    model = LitTokenizer(tokenizer=cfg, merge=MergeSpec(mode="lgm", blocks=4))
+    monkeypatch.setattr(model, "log", lambda *a, **k: None)
+    monkeypatch.setattr(model, "log_dict", lambda *a, **k: None)
+    images = torch.rand(4, 3, cfg.image_size, cfg.image_size) * 2 - 1
+    for k, expect_grad in ((cfg.n_slots, False), (cfg.n_slots // 4, True)):
+        model.zero_grad(set_to_none=True)
+        monkeypatch.setattr(model, "training_k", lambda k=k: k)
+        model.training_step({"image": images}, 0).backward()
+        grad = model.merger.e.grad
+        assert (grad is not None and grad.abs().sum() > 0) == expect_grad

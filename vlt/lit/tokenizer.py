@@ -102,7 +102,9 @@ class LitTokenizer(L.LightningModule):
         enc = self.tokenizer.encode(images)
         merged = self.merger(enc.z, k)
         recon = self.tokenizer.decode(merged.z_hat)
-        parts = self.criterion(images, recon, kl=enc.kl, align=self.merger.alignment_loss(enc.z))
+        # The alignment loss only shapes which slots merge: nothing merges on K = N steps.
+        align = self.merger.alignment_loss(enc.z) if k < self.n_slots else enc.z.new_zeros(())
+        parts = self.criterion(images, recon, kl=enc.kl, align=align)
         self.log_dict({f"train/{name}": value for name, value in parts.items()}, prog_bar=False)
         self.log("train/k", float(k))
         return parts["loss"]

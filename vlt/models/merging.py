@@ -46,11 +46,27 @@ def _relabel(labels: np.ndarray) -> np.ndarray:
     return new[np.searchsorted(np.unique(labels), labels)]
 
 
+def block_ids(n: int, blocks: int) -> np.ndarray:
+    """(N,) block index of each slot: `blocks` contiguous groups of N/blocks slots."""
+    if blocks < 1 or n % blocks:
+        raise ValueError(f"{n} slots do not split into {blocks} equal blocks")
+    return np.arange(n) // (n // blocks)
+
+
+def block_mask(n: int, blocks: int, device: torch.device | None = None) -> Tensor:
+    """(N, N) bool: slots i and j lie in the same block (the pairs that can merge), diagonal included."""
+    block = torch.from_numpy(block_ids(n, blocks)).to(device)
+    return block[:, None] == block[None, :]
+
+
 def similarity(
     e: Tensor, *, noise: float = 0.0, blocks: int = 1, generator: torch.Generator | None = None
 ) -> np.ndarray:
     """(N, N) float64 cosine similarity of e (N, E), with symmetric clamped-Gaussian noise
     (times `noise`) and cross-block pairs set to CROSS_BLOCK_SIMILARITY when blocks > 1.
+
+    Noisy similarities may exceed 1 (up to 1 + noise): they are kept as they are, so distances
+    1 - sim can be slightly negative, as in the reference code (see `hierarchy`).
 
     The product runs on e's device; the O(N^2) elementwise work runs in numpy, which stays fast
     where many small multi-threaded torch kernels on a busy CPU do not.
@@ -63,9 +79,7 @@ def similarity(
         g = np.triu(np.clip(g, -1.0, 1.0) * noise, 1)
         sim = sim + g + g.T
     if blocks > 1:
-        if n % blocks:
-            raise ValueError(f"{n} slots do not split into {blocks} equal blocks")
-        block = np.arange(n) // (n // blocks)
+        block = block_ids(n, blocks)
         sim = np.where(block[:, None] != block[None, :], CROSS_BLOCK_SIMILARITY, sim)
     return sim
 
@@ -112,12 +126,21 @@ def hierarchy(
     Returns:
         {K: assign (N,) long on e's device}, sorted by K, cluster ids in [0, K) numbered by smallest
         member slot.
+
+    Distances 1 - sim are NOT clipped at 0. With exploration noise, near-duplicate embeddings get
+    distances in [-noise, 0); clipping them would tie all such pairs at 0 and let the tie order,
+    not the noise, decide which of them merge first. Average linkage needs no non-negativity: the
+    Lance-Williams update (size-weighted mean of the two distances) keeps the merge heights monotone
+    for any real dissimilarities, which is what scipy's nearest-neighbour-chain algorithm and our
+    `cut_levels` rely on. The reference (`AgglomerativeClustering(metric="precomputed",
+    linkage="average")`, i.e. scipy's average linkage on the upper triangle) runs on the same
+    unclipped values.
     """
     n = e.shape[0]
     bad = [k for k in ks if not 1 <= k <= n]
     if bad or not ks:
         raise ValueError(f"cluster counts {list(ks)} must be a non-empty list of K in [1, {n}]")
-    dist = np.clip(1.0 - similarity(e, noise=noise, blocks=blocks, generator=generator), 0.0, None)
+    dist = 1.0 - similarity(e, noise=noise, blocks=blocks, generator=generator)
     if not np.isfinite(dist).all():
         raise FloatingPointError(
             "merge embeddings are not finite (NaN/inf similarities): training diverged; lower "
@@ -132,12 +155,15 @@ def hierarchy(
 def straight_through(e: Tensor, assign: Tensor, k: int, tau: float = 0.1) -> Tensor:
     """Hard one-hot Gamma (N, K) in the forward pass, soft-assignment gradients into e.
 
-    Prototypes c_j = normalize(sum_{i in S_j} e_i) are detached; the soft assignment is
-    softmax_j(normalize(e_i) . c_j / tau); Gamma_st = Gamma + soft - sg(soft).
+    Prototypes c_j = normalize(sum_{i in S_j} normalize(e_i)) are detached (built from the
+    normalised embeddings, as in the reference: with raw e a long embedding would dominate its
+    cluster's prototype); the soft assignment is softmax_j(normalize(e_i) . c_j / tau);
+    Gamma_st = Gamma + soft - sg(soft).
     """
     gamma = one_hot(assign, k).to(e.dtype)  # (N, K)
-    proto = F.normalize(gamma.T @ e.detach(), dim=-1)  # (K, E)
-    soft = torch.softmax(F.normalize(e, dim=-1) @ proto.T / tau, dim=-1)  # (N, K)
+    en = F.normalize(e, dim=-1)  # (N, E)
+    proto = F.normalize(gamma.T @ en.detach(), dim=-1)  # (K, E)
+    soft = torch.softmax(en @ proto.T / tau, dim=-1)  # (N, K)
     return gamma + soft - soft.detach()
 
 
@@ -147,16 +173,20 @@ def cosine_matrix(x: Tensor) -> Tensor:
     return xn @ xn.transpose(-1, -2)
 
 
-def alignment_loss(e: Tensor, z: Tensor, margin: float = 0.25) -> Tensor:
-    """mean over slot pairs i != j of relu(|cos(e_i, e_j) - sg(mean_B cos(z_i, z_j))| - margin).
+def alignment_loss(e: Tensor, z: Tensor, margin: float = 0.25, blocks: int = 1) -> Tensor:
+    """In-block hinge sum_{(i,j) in-block} relu(|cos(e_i, e_j) - sg(mean_B cos(z_i, z_j))| - margin)
+    divided by the number of in-block (i, j) entries.
 
-    e: (N, E), z: (B, N, C) -> scalar. Zero when the two similarity structures agree within margin.
+    e: (N, E), z: (B, N, C) -> scalar. Only pairs of one block can merge (`similarity` puts the
+    others at CROSS_BLOCK_SIMILARITY), so cross-block pairs get no gradient. The count includes the
+    N diagonal entries (whose hinge is 0: both cosines are 1), as the reference's block mask does:
+    N^2 / blocks in all. Callers skip the loss on K = N steps (nothing merges there).
     """
     n = e.shape[0]
     cos_e = cosine_matrix(e)  # (N, N)
     cos_z = cosine_matrix(z.detach().float()).mean(0).to(cos_e.dtype)  # (N, N)
-    off = ~torch.eye(n, dtype=torch.bool, device=e.device)
-    return F.relu((cos_e - cos_z).abs() - margin)[off].mean()
+    inside = block_mask(n, blocks, e.device)  # (N, N)
+    return F.relu((cos_e - cos_z).abs() - margin)[inside].sum() / inside.sum()
 
 
 MergeMode = Literal["lgm", "nested", "tome", "fixed", "none"]
@@ -311,10 +341,11 @@ class Merger(nn.Module):
         return unmerge(tokens, one_hot(self.assignment(k), k).to(tokens.device))
 
     def alignment_loss(self, z: Tensor) -> Tensor:
-        """Alignment of merge-embedding cosines with latent cosines (0 for unlearned modes)."""
+        """In-block alignment of merge-embedding cosines with latent cosines (0 for unlearned modes).
+        The caller decides the K: skip it on K = N steps, as `LitTokenizer.training_step` does."""
         if not self.learned:
             return z.new_zeros(())
-        return alignment_loss(self.e, z, self.margin)
+        return alignment_loss(self.e, z, self.margin, self.blocks)
 
     def _mask_vector(self, z: Tensor) -> Tensor:
         return self.mask if self.mask is not None else z.new_zeros(z.shape[-1])
