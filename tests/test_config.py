@@ -84,3 +84,14 @@ def test_printed_config_reruns_the_same_run(tmp_path, tiny_shards, capsys):
     resolved = yaml.safe_load((Path(tmp_path) / "again" / "config.yaml").read_text())
     assert resolved["model"] == config["model"] and resolved["trainer"]["max_steps"] == 2
     assert (Path(tmp_path) / "again" / "checkpoints" / "last.ckpt").is_file()
+
+
+@pytest.mark.parametrize("preset", ["s", "b", "l", "xl"])
+def test_paper_dit_configs_carry_the_reference_sampler(preset, capsys):
+    """Shift 0.3 on the 25-point grid (24 Euler steps), CFG interval [0.1, 1], w = 10.5 / 8.0 / 6.5."""
+    flow = print_config("-c", str(ROOT / f"conf/dit/{preset}.yaml"), capsys=capsys)["model"]["init_args"][
+        "flow"
+    ]
+    assert (flow["timestep_shift"], flow["sample_steps"], flow["sampler"]) == (0.3, 24, "euler")
+    assert {int(k): w for k, w in flow["cfg_scales"].items()} == {32: 10.5, 64: 8.0, 128: 6.5}
+    assert list(flow["cfg_interval"]) == [0.1, 1.0]

@@ -198,3 +198,92 @@ def test_cfg_interval_guides_only_inside():
     v = guided_velocity(model, x, t, y, gbar, sizes, scale=4.0, null_label=3, interval=(0.5, 1.0))
     assert torch.allclose(v[0], v_c[0], atol=1e-6)
     assert not torch.allclose(v[1], v_c[1], atol=1e-4)
+
+
+class Recorder(nn.Module):
+    """Velocity t * (1 + label) per element; records (t, batch size) of every call (2B = guided)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: list[tuple[float, int]] = []
+
+    def forward(self, x, t, y, gbar, sizes):
+        self.calls.append((float(t[0]), x.shape[0]))
+        return t[:, None, None] * (1.0 + y.float())[:, None, None] * torch.ones_like(x)
+
+
+# Hand-computed: grid i/4 warped by t' = 0.3 t / (1 - 0.7 t).
+SHIFTED = [0.0, 0.075 / 0.825, 0.15 / 0.65, 0.225 / 0.475, 1.0]
+
+
+def _run(method: str, interval, shift: float = 0.3, scale: float = 4.0):
+    from vlt.objectives.flow import time_grid
+
+    model, gbar = Recorder(), uneven_table().gbar(len(SIZES))
+    y = torch.tensor([0, 1])
+    x = RectifiedFlow().sample(
+        model, y=y, gbar=gbar, sizes=uneven_table().sizes(len(SIZES)), steps=4, method=method, shift=shift,
+        cfg_scale=scale, cfg_interval=interval, generator=torch.Generator().manual_seed(0), channels=C,
+        null_label=2,
+    )  # fmt: skip
+    x0 = pooled_noise(2, gbar, C, torch.Generator().manual_seed(0))
+    return model.calls, x - x0, time_grid(4, shift)
+
+
+def test_time_grid_with_shift_is_the_hand_computed_schedule():
+    from vlt.objectives.flow import time_grid
+
+    assert time_grid(4, 0.3) == pytest.approx(SHIFTED, abs=1e-12)
+    assert time_grid(4) == pytest.approx([0.0, 0.25, 0.5, 0.75, 1.0])
+    with pytest.raises(ValueError):
+        time_grid(4, 0.0)
+
+
+def test_euler_with_shift_and_cfg_interval_follows_the_schedule():
+    """Calls at the left end of each shifted step; guided (batch 2B) only where t' in [0.1, 1]; the state
+    moves by sum dt_i * v(t_i), with the guided velocity where guidance is on."""
+    calls, moved, _ = _run("euler", (0.1, 1.0))
+    assert [t for t, _ in calls] == pytest.approx(SHIFTED[:-1])
+    assert [b for _, b in calls] == [2, 2, 4, 4]  # t' = 0, 0.091 unguided; 0.231, 0.474 guided
+    # v_cond = t (1 + y), v_uncond = t (1 + null=2) = 3t; guided = v_u + s (v_c - v_u), s = 1 + 3 / m_j.
+    s = 1 + 3.0 / torch.tensor(SIZES, dtype=torch.float64)
+    for i, label in enumerate((0, 1)):
+        expect = torch.zeros(len(SIZES), dtype=torch.float64)
+        for t0, t1 in zip(SHIFTED[:-1], SHIFTED[1:], strict=True):
+            vc, vu = t0 * (1 + label), 3 * t0
+            v = vu + s * (vc - vu) if t0 >= 0.1 else torch.full_like(s, vc)
+            expect += (t1 - t0) * v
+        torch.testing.assert_close(moved[i, :, 0].double(), expect, rtol=1e-5, atol=1e-6)
+
+
+def test_heun_with_shift_evaluates_both_ends_of_each_step():
+    calls, _, grid = _run("heun", (0.1, 1.0))
+    expect = [t for t0, t1 in zip(grid[:-1], grid[1:], strict=True) for t in (t0, t1)]
+    assert [t for t, _ in calls] == pytest.approx(expect)
+    assert [b for _, b in calls] == [4 if t >= 0.1 else 2 for t in expect]
+
+
+def test_flow_spec_scale_per_k_and_model_calls_follow_the_interval():
+    from vlt.objectives.flow import FlowSpec
+
+    spec = FlowSpec(
+        sample_steps=4,
+        timestep_shift=0.3,
+        cfg_scale=1.5,
+        cfg_scales={4: 10.5, 8: 8.0},
+        cfg_interval=(0.1, 1.0),
+    )
+    assert (spec.scale_at(4), spec.scale_at(8), spec.scale_at(16), spec.scale_at(None)) == (
+        10.5,
+        8.0,
+        1.5,
+        1.5,
+    )
+    assert spec.model_calls(k=4) == 4 + 2  # two of the four Euler times are inside [0.1, 1]
+    assert spec.model_calls(cfg_scale=1.0) == 4
+    assert (
+        FlowSpec(sample_steps=4, sampler="heun", timestep_shift=0.3, cfg_interval=(0.1, 1.0)).model_calls()
+        == 8 + 5  # inside [0.1, 1]: 0.231, 0.231, 0.474, 0.474, 1.0
+    )
+    with pytest.raises(ValueError):
+        FlowSpec(timestep_shift=-1.0)

@@ -22,7 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from vlt.models.merge_ops import merge
-from vlt.objectives.guidance import guided_velocity
+from vlt.objectives.guidance import guided_velocity, in_interval
 
 SAMPLERS = ("euler", "heun")
 
@@ -34,7 +34,9 @@ class FlowSpec:
     Args:
         t_mean, t_std: logit-normal training times (see `RectifiedFlow`).
         sample_steps, sampler: ODE steps and integrator ("euler" or "heun", two calls per step).
+        timestep_shift: s of the sampler's time grid (see `time_grid`); 1 = uniform steps.
         cfg_scale: guidance weight w (1 = none); the per-token scale is 1 + (w - 1)/m_j.
+        cfg_scales: w per K (e.g. {32: 10.5, 64: 8.0, 128: 6.5}); a K not listed uses `cfg_scale`.
         cfg_interval: guide only for t in [lo, hi] (None: every step).
     """
 
@@ -42,17 +44,57 @@ class FlowSpec:
     t_std: float = 1.0
     sample_steps: int = 25
     sampler: Literal["euler", "heun"] = "euler"
+    timestep_shift: float = 1.0
     cfg_scale: float = 1.5
+    cfg_scales: dict[int, float] | None = None
     cfg_interval: tuple[float, float] | None = None
 
     def __post_init__(self) -> None:
         if self.sampler not in SAMPLERS:
             raise ValueError(f"unknown sampler {self.sampler!r}; choose one of {SAMPLERS}")
+        if self.timestep_shift <= 0:
+            raise ValueError(f"timestep_shift must be positive, got {self.timestep_shift}")
+        if self.sample_steps < 1:
+            raise ValueError(f"sample_steps must be >= 1, got {self.sample_steps}")
+        if self.cfg_scales is not None:  # YAML and JSON may give the keys as strings
+            self.cfg_scales = {int(k): float(w) for k, w in self.cfg_scales.items()}
 
-    def model_calls(self, cfg_scale: float | None = None) -> int:
-        """Velocity-network calls per image of one sample (x2 for Heun, x2 with guidance)."""
-        scale = self.cfg_scale if cfg_scale is None else cfg_scale
-        return self.sample_steps * (2 if self.sampler == "heun" else 1) * (2 if scale != 1.0 else 1)
+    def scale_at(self, k: int | None) -> float:
+        """The guidance weight w used at K tokens: `cfg_scales[K]`, else `cfg_scale`."""
+        if self.cfg_scales is not None and k is not None and int(k) in self.cfg_scales:
+            return float(self.cfg_scales[int(k)])
+        return self.cfg_scale
+
+    def model_calls(self, cfg_scale: float | None = None, k: int | None = None) -> int:
+        """Velocity-network calls per image of one sample: one per evaluation time (two per step for
+        Heun), plus one more wherever guidance is on (w != 1 and t inside `cfg_interval`)."""
+        scale = self.scale_at(k) if cfg_scale is None else cfg_scale
+        times = eval_times(self.sample_steps, self.sampler, self.timestep_shift)
+        guided = 0 if scale == 1.0 else sum(in_interval(torch.tensor(times), self.cfg_interval).tolist())
+        return len(times) + guided
+
+
+def time_grid(steps: int, shift: float = 1.0) -> list[float]:
+    """The sampler's `steps + 1` flow times from 0 (noise) to 1 (data).
+
+    t_i = i / steps, warped by the timestep shift t' = s t / (1 + (s - 1) t). This is the shift of the
+    reference's LightningDiT sampler (`transport/integrators.py`, class `ode`), which samples with
+    s = 0.3 on linspace(0, 1, 25); s < 1 puts more steps at high noise. In noise-level terms
+    (sigma = 1 - t) it is SD3's shift sigma' = S sigma / (1 + (S - 1) sigma) with S = 1 / s.
+    s = 1 gives the uniform grid.
+    """
+    if steps < 1 or shift <= 0:
+        raise ValueError(f"need steps >= 1 and shift > 0, got steps={steps}, shift={shift}")
+    grid = torch.linspace(0.0, 1.0, steps + 1, dtype=torch.float64)
+    return (shift * grid / (1 + (shift - 1) * grid)).tolist()
+
+
+def eval_times(steps: int, method: str, shift: float = 1.0) -> list[float]:
+    """The times at which the sampler calls the velocity model, in order (Heun: both ends per step)."""
+    grid = time_grid(steps, shift)
+    if method == "heun":
+        return [t for t0, t1 in pairwise(grid) for t in (t0, t1)]
+    return grid[:-1]
 
 
 def pooled_noise(b: int, gbar: Tensor, c: int, generator: torch.Generator | None = None) -> Tensor:
@@ -144,6 +186,7 @@ class RectifiedFlow:
         sizes: Tensor,
         steps: int = 25,
         method: Literal["euler", "heun"] = "euler",
+        shift: float = 1.0,
         cfg_scale: float = 1.0,
         cfg_interval: tuple[float, float] | None = None,
         generator: torch.Generator | None = None,
@@ -156,6 +199,7 @@ class RectifiedFlow:
             model: the velocity model; put in eval mode for the call and restored afterwards.
             y: (B,) labels. gbar: (N, K) or (B, N, K); sizes: (K,) or (B, K).
             steps: ODE steps (Heun costs two model calls per step).
+            shift: timestep shift of the time grid (`time_grid`; 1 = uniform).
             cfg_scale, cfg_interval: guidance weight w and the t-interval where it applies
                 (see `vlt.objectives.guidance`).
             generator: makes the starting noise reproducible.
@@ -166,8 +210,6 @@ class RectifiedFlow:
         """
         if method not in SAMPLERS:
             raise ValueError(f"unknown sampler {method!r}; choose one of {SAMPLERS}")
-        if steps < 1:
-            raise ValueError(f"steps must be >= 1, got {steps}")
         c = channels if channels is not None else model.cfg.channels
         null = null_label if null_label is not None else model.null_label
         guide = {"scale": cfg_scale, "null_label": null, "interval": cfg_interval}
@@ -175,7 +217,7 @@ class RectifiedFlow:
         model.eval()
         try:
             x = pooled_noise(y.shape[0], gbar, c, generator)  # (B, K, C)
-            for t0, t1 in pairwise(torch.linspace(0.0, 1.0, steps + 1).tolist()):
+            for t0, t1 in pairwise(time_grid(steps, shift)):
                 v0 = self._velocity(model, x, t0, y, gbar, sizes, guide)  # (B, K, C)
                 if method == "heun":
                     v1 = self._velocity(model, x + (t1 - t0) * v0, t1, y, gbar, sizes, guide)

@@ -116,7 +116,8 @@ class LatentGenerator(nn.Module):
         steps: int | None = None,
         generator: torch.Generator | None = None,
     ) -> Tensor:
-        """Sample tokens (B, K, C) in the tokenizer's latent space (denormalised)."""
+        """Sample tokens (B, K, C) in the tokenizer's latent space (denormalised); `cfg_scale` None
+        takes the spec's scale for this K (`FlowSpec.scale_at`)."""
         spec, device = self.spec, self.latent_mean.device
         x = self.flow.sample(
             self.dit,
@@ -125,7 +126,8 @@ class LatentGenerator(nn.Module):
             sizes=self.pattern.sizes(k),
             steps=steps or spec.sample_steps,
             method=spec.sampler,
-            cfg_scale=spec.cfg_scale if cfg_scale is None else cfg_scale,
+            shift=spec.timestep_shift,
+            cfg_scale=spec.scale_at(k) if cfg_scale is None else cfg_scale,
             cfg_interval=spec.cfg_interval,
             generator=generator,
         )  # (B, K, C)
@@ -185,4 +187,4 @@ class LatentGenerator(nn.Module):
     def flops(self, k: int, cfg_scale: float | None = None) -> float:
         """Forward FLOPs per generated image: every DiT call of the sampler, plus one decode."""
         decode = self.tokenizer.flops("decode") if self.tokenizer is not None else 0
-        return float(self.spec.model_calls(cfg_scale) * self.dit.flops(k) + decode)
+        return float(self.spec.model_calls(cfg_scale, k) * self.dit.flops(k) + decode)

@@ -37,8 +37,8 @@ def sample(
     k: list[int] | None = None,
     classes: list[int] | None = None,
     count: int = 16,
-    steps: int = 25,
-    cfg_scale: float = 1.5,
+    steps: int | None = None,
+    cfg_scale: float | None = None,
     seed: int = 0,
     out: str = "samples",
     budget: float | None = None,
@@ -52,8 +52,9 @@ def sample(
         k: token counts to sample at (default: every K the DiT serves).
         classes: labels cycled over the samples (default: 0, 1, 2, ... over the DiT's classes).
         count: images per K.
-        steps: ODE steps.
-        cfg_scale: guidance weight w (1 = no guidance).
+        steps: ODE steps (default: the generator's `flow.sample_steps`).
+        cfg_scale: guidance weight w (1 = no guidance; default: the generator's `flow` scale for each K,
+            `cfg_scales[K]` or `cfg_scale`).
         seed: the same seed gives the same images.
         out: output folder.
         budget: mean K over the `count` images, one K per image (instead of `k`); writes
@@ -98,8 +99,8 @@ def sample_at_budget(
     y: torch.Tensor,
     budget: float,
     *,
-    steps: int,
-    cfg_scale: float,
+    steps: int | None,
+    cfg_scale: float | None,
     seed: int,
     root: Path,
 ) -> list[Path]:
