@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
 from torch import Tensor, nn
@@ -249,7 +251,7 @@ def test_euler_with_shift_and_cfg_interval_follows_the_schedule():
     s = 1 + 3.0 / torch.tensor(SIZES, dtype=torch.float64)
     for i, label in enumerate((0, 1)):
         expect = torch.zeros(len(SIZES), dtype=torch.float64)
-        for t0, t1 in zip(SHIFTED[:-1], SHIFTED[1:], strict=True):
+        for t0, t1 in itertools.pairwise(SHIFTED):
             vc, vu = t0 * (1 + label), 3 * t0
             v = vu + s * (vc - vu) if t0 >= 0.1 else torch.full_like(s, vc)
             expect += (t1 - t0) * v
@@ -258,7 +260,7 @@ def test_euler_with_shift_and_cfg_interval_follows_the_schedule():
 
 def test_heun_with_shift_evaluates_both_ends_of_each_step():
     calls, _, grid = _run("heun", (0.1, 1.0))
-    expect = [t for t0, t1 in zip(grid[:-1], grid[1:], strict=True) for t in (t0, t1)]
+    expect = [t for t0, t1 in itertools.pairwise(grid) for t in (t0, t1)]
     assert [t for t, _ in calls] == pytest.approx(expect)
     assert [b for _, b in calls] == [4 if t >= 0.1 else 2 for t in expect]
 

@@ -3,7 +3,8 @@
 Letters: S cached samples of a split, N slots, C channels, G levels of the merge grid.
 
     <root>/pattern.json                the tokenizer's global pattern (absent for per-image ToMe)
-    <root>/<split>-r<rank>-<n>.tar     webdataset shards: latent.npy (N, C) float32, cls, json meta
+    <root>/<split>-r<rank>-<n>.tar     webdataset shards: latent.npy (N, C) float32, cls, json meta,
+                                       latent_flip.npy (N, C): the latent of the flipped image (optional)
     <root>/stats-<split>-r<rank>.json  partial channel sums (float64), combined over ranks on read
     <root>/done-<split>-r<rank>.json   completion record of one rank (samples, skipped, world size)
     <root>/curves-<split>-r<rank>.npz  per-image PSNR curves over the grid (content-adaptive K)

@@ -76,7 +76,8 @@ class WebDataModule(L.LightningDataModule):
         num_workers: loader worker processes per rank (0: decode in the main process).
         batches_per_epoch: training batches per epoch on every rank.
         shuffle_buffer: samples in the training shuffle buffer (0: no sample shuffling).
-        random_flip: random horizontal flips for training images.
+        random_flip: random horizontal flips for training images; for training latents, the cached
+            latent of the flipped image (`latent_flip.npy`, where the cache has it) drawn 50/50.
         crop: "center" or "random" square crop for training images (validation is always centred).
         seed: seed of shard resampling, sample shuffling and augmentations (mixed with rank, worker
             and epoch); None: the global seed set by `seed_everything` (PL_GLOBAL_SEED), else 0.
@@ -171,7 +172,9 @@ class WebDataModule(L.LightningDataModule):
             )
             collate = collate_images
         else:
-            decode, collate = functools.partial(decode_latents, tally=tally), collate_latents
+            flip = self.random_flip and train
+            decode = functools.partial(decode_latents, tally=tally, flip=flip, seed=seed)
+            collate = collate_latents
         size = self.batch_size if train else self.val_batch_size
         group = batch_records if self.allocation is None else bucket_by_k
         batch = functools.partial(group, batch_size=size, partial=not train, tally=tally, collate=collate)

@@ -210,9 +210,17 @@ def _latent(data: bytes, shape: tuple[int, ...] | None) -> np.ndarray:
     return latent.astype(np.float32, copy=False)
 
 
-def decode_latents(src: Iterator[Record], *, tally: SkipTally) -> Iterator[Record]:
-    """webdataset samples -> records {key, latent (N, C) float32, label, complexity, k}; bad ones skipped."""
+def decode_latents(
+    src: Iterator[Record], *, tally: SkipTally, flip: bool = False, seed: int = 0
+) -> Iterator[Record]:
+    """webdataset samples -> records {key, latent (N, C) float32, label, complexity, k}; bad ones skipped.
+
+    flip: where a sample also holds `latent_flip.npy` (the latent of the horizontally flipped image),
+    take it instead of `latent.npy` with probability 1/2 (a seeded draw per sample; the reference's
+    stage-2 augmentation). Validation passes flip=False and always reads `latent.npy`.
+    """
     shape: tuple[int, ...] | None = None
+    rng = np.random.default_rng([seed, worker_seed()])
     for sample in src:
         key = str(sample.get("__key__", "?"))
         try:
@@ -220,6 +228,9 @@ def decode_latents(src: Iterator[Record], *, tally: SkipTally) -> Iterator[Recor
             data = _member(sample, ("latent.npy",))
             if data is None:
                 raise SampleError("no latent.npy member")
+            flipped = _member(sample, ("latent_flip.npy",)) if flip else None
+            if flipped is not None and rng.random() < 0.5:
+                data = flipped
             meta = _meta(sample)
             record = {"key": key, "label": _label(sample, meta), "latent": _latent(data, shape)}  # (N, C)
             record["complexity"] = as_int(meta.get("complexity", -1), "complexity")

@@ -6,8 +6,9 @@
 Letters: B batch, N slots, C channels, G levels of the merge grid.
 
 The tokenizer is a stage-1 checkpoint, a stage-2/3 checkpoint (its tokenizer) or an export folder.
-The cache (`vlt.data.cache.LatentCache`) gets the tokenizer's global pattern, latent shards, per-rank
-channel sums and a completion record. With a global pattern and `distortion=True` (the default)
+The cache (`vlt.data.cache.LatentCache`) gets the tokenizer's global pattern, latent shards (with the
+latent of each horizontally flipped image beside the original unless `flip=False`), per-rank channel
+sums and a completion record. With a global pattern and `distortion=True` (the default)
 every image is also reconstructed at every K of the grid: its PSNR curve and PNG size go into the
 sample's json meta and a curves sidecar for `vlt allocate`.
 
@@ -55,9 +56,13 @@ class _Totals:
         self.total_sq = torch.zeros(self.channels, dtype=torch.float64)
 
 
-def _write_batch(model: VariableLengthTokenizer, batch: dict, grid: list[int], sink, totals: _Totals) -> None:
-    """Encode one batch, update the sums and write one latent sample per image (labels checked)."""
+def _write_batch(
+    model: VariableLengthTokenizer, batch: dict, grid: list[int], sink, totals: _Totals, flip: bool
+) -> None:
+    """Encode one batch, update the sums and write one latent sample per image (labels checked); with
+    `flip` also the latent of each horizontally flipped image (statistics stay those of the originals)."""
     z = model.encode(batch["image"]).double()  # (B, N, C)
+    z_flip = model.encode(batch["image"].flip(-1)) if flip else None  # (B, N, C)
     totals.total += z.sum(dim=(0, 1))
     totals.total_sq += z.pow(2).sum(dim=(0, 1))
     totals.count += len(batch["key"])
@@ -70,9 +75,10 @@ def _write_batch(model: VariableLengthTokenizer, batch: dict, grid: list[int], s
             meta["png_bytes"] = png_size(pixels[i])
             for name in totals.rows:
                 totals.rows[name].append(meta["key" if name == "keys" else name])
-        sink.write(
-            {"__key__": key, "latent.npy": z[i].float().numpy(), "cls": str(meta["label"]), "json": meta}
-        )
+        sample = {"__key__": key, "latent.npy": z[i].float().numpy(), "cls": str(meta["label"]), "json": meta}
+        if z_flip is not None:
+            sample["latent_flip.npy"] = z_flip[i].float().numpy()
+        sink.write(sample)
 
 
 def _finish(
@@ -102,6 +108,7 @@ def cache_latents(
     shard_size: int = 5000,
     overwrite: bool = False,
     distortion: bool = True,
+    flip: bool = True,
 ) -> Path:
     """Encode image shards with a tokenizer into latent shards plus statistics.
 
@@ -117,6 +124,9 @@ def cache_latents(
         overwrite: replace a finished cache of this split instead of refusing.
         distortion: also measure per-image PSNR at every K of the pattern (G extra decodes per image)
             for content-adaptive allocation; ignored for per-image (ToMe) tokenizers.
+        flip: also store the latent of the horizontally flipped image (`latent_flip.npy`), which
+            stage-2 training draws 50/50 with the original (the reference's augmentation; one more
+            encode per image).
     """
     rank, world = _rank_world()
     check_name(split, "--split")
@@ -139,7 +149,8 @@ def cache_latents(
         for batch in data.val_dataloader():
             where = f"cache-latents of {shards}"
             check_labels(batch["label"], data_classes(data.info), where=where, keys=batch["key"])
-            _write_batch(model, batch, grid, sink, totals)
+            _write_batch(model, batch, grid, sink, totals, flip)
     meta = {"tokenizer": str(tokenizer), "world_size": world, "skipped": data.skipped, "start": start}
+    meta["flip"] = flip
     _finish(cache, split, rank, cfg, totals, grid, meta)
     return cache.root
