@@ -53,7 +53,7 @@ BUDGET ?= 8
 DISTORTION ?= mse
 
 .PHONY: help install data test test-fast lint format tensorboard clean train-tokenizer train-dit cache-latents sample \
-	allocate train-dit-adaptive experiment-adaptive finetune
+	allocate train-dit-adaptive experiment-adaptive experiment-paper finetune
 
 help: ## show this help
 	@echo "vlt make targets:"
@@ -115,6 +115,9 @@ train-dit-adaptive: $(STAMP) $(ADAPTIVE)/done-train-r0.json ## stage 2, adaptive
 experiment-adaptive: $(STAMP) $(TOKENIZER) $(DIT) ## adaptive vs fixed K, stages 1+2, tables + figures (CPU, ~30 min)
 	$(BIN)/python scripts/experiment_adaptive.py --tokenizer $(TOKENIZER) --dit $(DIT) --latents $(ADAPTIVE) \
 		--distortion $(DISTORTION) $(ARGS)
+
+experiment-paper: $(STAMP) $(SYNTHETIC) ## Table 1/3/4 analogues: LGM vs nested dropout, stages 1+2, ablations (CPU)
+	$(BIN)/python scripts/experiment_paper.py --reuse lgm=$(TOKENIZER) $(ARGS)
 
 finetune: $(STAMP) $(TOKENIZER) $(DIT) ## stage 3: joint fine-tune of TOKENIZER + DIT (CONFIG=conf/joint/tiny.yaml)
 	$(call launch,fit -c $(or $(CONFIG),conf/joint/tiny.yaml) --model.init_args.init_from_tokenizer=$(TOKENIZER) --model.init_args.init_from_dit=$(DIT))

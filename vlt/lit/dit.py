@@ -45,6 +45,14 @@ def paper_cycle(n: int) -> list[int]:
     return [n // 2] * 4 + [n // 4] * 2 + [n // 8]
 
 
+def train_cycle(k_cycle: list[int] | None, ks: list[int], n: int) -> list[int]:
+    """The training K cycle restricted to the K the pattern serves (the paper's cycle by default)."""
+    cycle = [k for k in (k_cycle or paper_cycle(n)) if k in ks]
+    if k_cycle and not cycle:
+        raise ValueError(f"k_cycle {k_cycle} holds none of the K this pattern serves ({ks}): set k_cycle")
+    return cycle or ks
+
+
 def batch_k(batch: dict) -> int:
     """The one K of a bucketed batch; a clear error when the batch has none or mixes several."""
     ks = batch["k"].unique().tolist()
@@ -67,8 +75,10 @@ class LitDiT(L.LightningModule):
             at fit start so samples decode without it.
         tokenizer_config: the tokenizer's config (None: no decoder); filled from `tokenizer` by the CLI.
         ks: the K values served (a subset of the cache's pattern; default: all of it, or N alone).
-        pattern_kind: the scheme of the pattern (filled from the cache).
-        k_cycle: K per training step, cycled (default: `paper_cycle(N)`); k_source="cycle" only.
+        pattern_kind: the scheme of the pattern: lgm, nested or fixed, filled from the cache (None
+            without a cache: a contiguous placeholder until `load_sources`).
+        k_cycle: K per training step, cycled (default: `paper_cycle(N)`); k_source="cycle" only. K
+            the pattern does not serve are left out (a fixed-K tokenizer's pattern serves one K).
         flow: flow and sampler settings. optim: optimizer and schedule.
         k_source: "cycle" (one K per step from k_cycle) or "data" (each step at its batch's K_i,
             content-adaptive; needs dit.k_conditioning and a datamodule with an allocation).
@@ -84,7 +94,7 @@ class LitDiT(L.LightningModule):
         tokenizer: str | None = None,
         tokenizer_config: TokenizerConfig | None = None,
         ks: list[int] | None = None,
-        pattern_kind: PatternKind = "contiguous",
+        pattern_kind: PatternKind | None = None,
         k_cycle: list[int] | None = None,
         flow: FlowSpec = FlowSpec(),  # noqa: B008
         optim: OptimSpec = OptimSpec(lr=3e-4, warmup_steps=500),  # noqa: B008
@@ -106,12 +116,13 @@ class LitDiT(L.LightningModule):
                 "k_source='data' needs prior_grid (set allocation, or build with LitDiT.from_cache)"
             )
         ks = self.hparams.ks = sorted(ks or [dit.n_slots])
+        kind = self.hparams.pattern_kind = pattern_kind or "contiguous"
         self.generator = build_generator(
-            dit, {"n": dit.n_slots, "ks": ks, "kind": pattern_kind}, flow=flow, tokenizer=tokenizer_config,
+            dit, {"n": dit.n_slots, "ks": ks, "kind": kind}, flow=flow, tokenizer=tokenizer_config,
             prior_grid=prior_grid,
         )  # fmt: skip
         self.ks, self.k_source, self.optim_spec = ks, k_source, optim
-        self.k_cycle = k_cycle or [k for k in paper_cycle(dit.n_slots) if k in ks] or ks
+        self.k_cycle = train_cycle(k_cycle, ks, dit.n_slots)
         # Constant buffers: keep DDP from broadcasting them on every forward, which would hang
         # validation when ranks hold different numbers of batches (exactly-once split).
         self._ddp_params_and_buffers_to_ignore = [name for name, _ in self.named_buffers()]
