@@ -90,15 +90,15 @@ class LitTokenizer(L.LightningModule):
         return stage.eval().requires_grad_(False)
 
     # --- training ---
-    def training_k(self) -> int:
-        """K = N for the first `full_k_fraction` of steps, then a draw from the weighted grid."""
-        total = self.trainer.max_steps if self._trainer is not None else -1
-        if total > 0 and self.global_step < self.full_k_fraction * total:
+    def training_k(self, step: int, total_steps: int) -> int:
+        """K = N for the first `full_k_fraction` of `total_steps` (<= 0: no warm phase), then a draw
+        from the weighted grid."""
+        if total_steps > 0 and step < self.full_k_fraction * total_steps:
             return self.n_slots
         return self.merger.sample_k()
 
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:
-        images, k = batch["image"], self.training_k()
+        images, k = batch["image"], self.training_k(self.global_step, self.trainer.max_steps)
         enc = self.tokenizer.encode(images)
         merged = self.merger(enc.z, k)
         recon = self.tokenizer.decode(merged.z_hat)
