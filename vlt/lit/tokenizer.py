@@ -25,6 +25,7 @@ from vlt.models.tokenizer import Tokenizer, TokenizerConfig
 from vlt.objectives.recon import ReconLoss, psnr
 from vlt.specs import LossSpec, MergeSpec, OptimSpec, param_groups
 from vlt.stages.tokenizer import VariableLengthTokenizer
+from vlt.types import ImageBatch
 
 
 class LitTokenizer(L.LightningModule):
@@ -97,8 +98,8 @@ class LitTokenizer(L.LightningModule):
             return self.n_slots
         return self.merger.sample_k()
 
-    def training_step(self, batch: dict, batch_idx: int) -> Tensor:
-        images, k = batch["image"], self.training_k(self.global_step, self.trainer.max_steps)
+    def training_step(self, batch: ImageBatch, batch_idx: int) -> Tensor:
+        images, k = batch.image, self.training_k(self.global_step, self.trainer.max_steps)
         enc = self.tokenizer.encode(images)
         merged = self.merger(enc.z, k)
         recon = self.tokenizer.decode(merged.z_hat)
@@ -112,8 +113,8 @@ class LitTokenizer(L.LightningModule):
         return self.optim_spec.build(groups, self.trainer.max_steps)
 
     # --- validation: PSNR at every K, slot collapse and merged-pair diagnostics ---
-    def validation_step(self, batch: dict, batch_idx: int) -> None:
-        images = batch["image"]
+    def validation_step(self, batch: ImageBatch, batch_idx: int) -> None:
+        images = batch.image
         z = self.encode(images)  # (B, N, C)
         cos = _pairwise_cos(z)  # (B, N, N)
         off_diag = ~torch.eye(self.n_slots, dtype=torch.bool, device=z.device)

@@ -57,14 +57,14 @@ class _Totals:
 
 def _write_batch(model: VariableLengthTokenizer, batch: dict, grid: list[int], sink, totals: _Totals) -> None:
     """Encode one batch, update the sums and write one latent sample per image (labels checked)."""
-    z = model.encode(batch["image"]).double()  # (B, N, C)
+    z = model.encode(batch.image).double()  # (B, N, C)
     totals.total += z.sum(dim=(0, 1))
     totals.total_sq += z.pow(2).sum(dim=(0, 1))
-    totals.count += len(batch["key"])
-    curves = psnr_curves(model, batch["image"], grid, z=z.float()) if grid else None  # (B, G)
-    pixels = to_uint8(batch["image"]) if grid else None  # (B, H, W, 3)
-    for i, key in enumerate(batch["key"]):
-        meta = {"label": int(batch["label"][i]), "complexity": int(batch["complexity"][i]), "key": key}
+    totals.count += len(batch.key)
+    curves = psnr_curves(model, batch.image, grid, z=z.float()) if grid else None  # (B, G)
+    pixels = to_uint8(batch.image) if grid else None  # (B, H, W, 3)
+    for i, key in enumerate(batch.key):
+        meta = {"label": int(batch.label[i]), "complexity": int(batch.complexity[i]), "key": key}
         if curves is not None:
             meta["psnr"] = [float(p) for p in curves[i]]
             meta["png_bytes"] = png_size(pixels[i])
@@ -138,7 +138,7 @@ def cache_latents(
     ):
         for batch in data.val_dataloader():
             where = f"cache-latents of {shards}"
-            check_labels(batch["label"], data_classes(data.info), where=where, keys=batch["key"])
+            check_labels(batch.label, data_classes(data.info), where=where, keys=batch.key)
             _write_batch(model, batch, grid, sink, totals)
     meta = {"tokenizer": str(tokenizer), "world_size": world, "skipped": data.skipped, "start": start}
     _finish(cache, split, rank, cfg, totals, grid, meta)
