@@ -53,7 +53,7 @@ BUDGET ?= 8
 DISTORTION ?= mse
 
 .PHONY: help install data test test-fast lint format tensorboard clean train-tokenizer train-dit cache-latents sample \
-	allocate train-dit-adaptive experiment-adaptive experiment-paper finetune
+	allocate train-dit-adaptive experiment-adaptive experiment-paper finetune export
 
 help: ## show this help
 	@echo "vlt make targets:"
@@ -99,6 +99,10 @@ sample: $(STAMP) ## sample grids + npz at every K from DIT (ARGS="--budget 8": p
 
 $(DIT):
 	$(MAKE) --no-print-directory train-dit CONFIG= ARGS= LAUNCH=local
+
+#: EXPORT     export folder of `make export` (default exports/<run name>)
+export: $(STAMP) $(DIT) ## export DIT as safetensors folders (generator/ + tokenizer/; vlt.load reads them)
+	$(BIN)/vlt export $(DIT) $(or $(EXPORT),exports/$(notdir $(patsubst %/checkpoints/,%,$(dir $(DIT)))))
 
 # Content-adaptive K (vlt's extension): PSNR curves per image in the cache, then K_i at a mean budget.
 $(ADAPTIVE)/done-train-r0.json: $(TOKENIZER) $(SYNTHETIC) | $(STAMP)

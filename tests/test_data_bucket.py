@@ -37,12 +37,12 @@ def test_buckets_are_equal_k_and_keep_every_record():
     batches = list(
         bucket_by_k(iter(recs), batch_size=5, partial=True, tally=SkipTally(), collate=collate_latents)
     )
-    assert all(len(set(b["k"].tolist())) == 1 for b in batches)
-    assert Counter(k for b in batches for k in b["key"]) == Counter(r["key"] for r in recs)
+    assert all(len(set(b.k.tolist())) == 1 for b in batches)
+    assert Counter(k for b in batches for k in b.key) == Counter(r["key"] for r in recs)
     for b in batches:  # each record keeps its own K and latent
-        assert all(recs[int(key[1:])]["k"] == k for key, k in zip(b["key"], b["k"].tolist(), strict=True))
-        assert torch.equal(b["latent"][:, 0, 0], torch.tensor([float(key[1:]) for key in b["key"]]))
-    partial = Counter(int(b["k"][0]) for b in batches if len(b["key"]) < 5)
+        assert all(recs[int(key[1:])]["k"] == k for key, k in zip(b.key, b.k.tolist(), strict=True))
+        assert torch.equal(b.latent[:, 0, 0], torch.tensor([float(key[1:]) for key in b.key]))
+    partial = Counter(int(b.k[0]) for b in batches if len(b.key) < 5)
     assert all(n == 1 for n in partial.values()), "at most one partial batch per K"
 
 
@@ -58,7 +58,7 @@ def test_train_buckets_drop_partials_and_bound_memory():
     emitted = 0
     stream = bucket_by_k(source(), batch_size=6, partial=False, tally=SkipTally(), collate=collate_latents)
     for batch in stream:
-        assert batch["latent"].shape == (6, 8, 2) and len(set(batch["k"].tolist())) == 1
+        assert batch.latent.shape == (6, 8, 2) and len(set(batch.k.tolist())) == 1
         emitted += 6
         # Buffers hold < batch_size records per K, plus one full batch held back for skip counts.
         assert len(consumed) - emitted <= len(GRID) * 5 + 6
@@ -72,9 +72,9 @@ def test_missing_keys_are_skipped_and_counted():
     tally = SkipTally()
     stream = attach_ks(iter(recs), ks=ks, tally=tally)
     batches = list(bucket_by_k(stream, batch_size=4, partial=True, tally=tally, collate=collate_latents))
-    assert sum(b["n_skipped"] for b in batches) == 40 - len(ks)
-    assert any("vlt allocate" in key for b in batches for key in b["skipped_keys"])
-    assert sorted(k for b in batches for k in b["key"]) == sorted(ks)
+    assert sum(b.skips.skipped for b in batches) == 40 - len(ks)
+    assert any("vlt allocate" in note for b in batches for note in b.skips.notes)
+    assert sorted(k for b in batches for k in b.key) == sorted(ks)
 
 
 def write_latents(root, split: str, n: int, shard: int) -> list[str]:
@@ -119,9 +119,9 @@ def test_val_reads_every_allocated_sample_once(cache, workers, monkeypatch):
     keys = []
     for batch in dm.val_dataloader():
         batch = dm.on_after_batch_transfer(batch, 0)
-        assert len(set(batch["k"].tolist())) == 1
-        assert all(ks["val"][key] == k for key, k in zip(batch["key"], batch["k"].tolist(), strict=True))
-        keys += batch["key"]
+        assert len(set(batch.k.tolist())) == 1
+        assert all(ks["val"][key] == k for key, k in zip(batch.key, batch.k.tolist(), strict=True))
+        keys += batch.key
     assert Counter(keys) == Counter(val[2:])
     assert dm.skipped == 2
 
@@ -143,8 +143,8 @@ def test_train_is_bucketed_with_exact_epochs(cache):
         batches = list(loader)
         assert len(batches) == 9
         for b in batches:
-            assert b["latent"].shape == (4, 8, 2) and len(set(b["k"].tolist())) == 1
-            assert all(ks["train"][key] == k for key, k in zip(b["key"], b["k"].tolist(), strict=True))
+            assert b.latent.shape == (4, 8, 2) and len(set(b.k.tolist())) == 1
+            assert all(ks["train"][key] == k for key, k in zip(b.key, b.k.tolist(), strict=True))
 
 
 def test_allocation_errors_are_clear(cache, tmp_path):

@@ -24,7 +24,7 @@ def read_all(spec: str | list[str], **kw) -> dict:
     for batch in dm.val_dataloader():
         dm.on_after_batch_transfer(batch, 0)
         for name in out:
-            out[name].append(batch[name]) if name != "key" else out[name].extend(batch[name])
+            out[name].append(getattr(batch, name)) if name != "key" else out[name].extend(batch.key)
     out.update({k: torch.cat(v) for k, v in out.items() if k != "key"})
     out["skipped"] = dm.skipped
     return out

@@ -37,7 +37,7 @@ def val_keys(spec, monkeypatch, ranks: int, workers: int) -> list[list[str]]:
         monkeypatch.setenv("WORLD_SIZE", str(ranks))
         dm = WebDataModule(val=spec, num_workers=workers, val_batch_size=2)
         dm.setup()
-        per_rank.append([k for batch in dm.val_dataloader() for k in batch["key"]])
+        per_rank.append([k for batch in dm.val_dataloader() for k in batch.key])
     return per_rank
 
 
@@ -53,7 +53,7 @@ def test_train_batches_equal_on_every_rank(shards, monkeypatch):
         loader = dm.train_dataloader()
         for _epoch in range(2):
             batches = list(loader)
-            assert all(b["image"].shape == (4, 3, 32, 32) for b in batches)
+            assert all(b.image.shape == (4, 3, 32, 32) for b in batches)
             counts.append(len(batches))
         assert len(loader) == 7
     assert counts == [7, 7, 7, 7]
@@ -82,7 +82,7 @@ def test_shard_spec_forms_read_the_same_samples(shards, monkeypatch):
     for spec in specs:
         dm = WebDataModule(val=spec, num_workers=0)
         dm.setup()
-        results.append([k for b in dm.val_dataloader() for k in b["key"]])
+        results.append([k for b in dm.val_dataloader() for k in b.key])
     assert len(results[0]) == 10 and all(r == results[0] for r in results)
 
 
@@ -123,8 +123,8 @@ def test_bad_samples_are_skipped_counted_and_warned(corrupt, workers, caplog):
     with caplog.at_level(logging.WARNING, logger="vlt.data.datamodule"):
         for batch in dm.val_dataloader():
             batch = dm.on_after_batch_transfer(batch, 0)
-            assert "n_skipped" not in batch and batch["label"].eq(1).all()
-            keys += batch["key"]
+            assert batch.skips is None and batch.label.eq(1).all()
+            keys += batch.key
     assert sorted(keys) == good and dm.skipped == 3
     warned = caplog.text
     assert all(k in warned for k in ("truncated", "noise", "nolabel"))
@@ -144,10 +144,10 @@ def test_latent_shards(tmp_path):
     dm.setup()
     (batch,) = list(dm.val_dataloader())
     batch = dm.on_after_batch_transfer(batch, 0)
-    assert batch["latent"].dtype == torch.float32 and batch["latent"].shape == (5, 16, 4)
-    assert torch.equal(batch["latent"][2], torch.from_numpy(latents["s2"].astype(np.float32)))
-    assert batch["k"].tolist() == [-1, 8, -1, 8, -1] and batch["label"].tolist() == [0, 1, 2, 3, 4]
-    assert batch["complexity"].tolist() == [0, 1, 2, 3, 4] and dm.skipped == 1
+    assert batch.latent.dtype == torch.float32 and batch.latent.shape == (5, 16, 4)
+    assert torch.equal(batch.latent[2], torch.from_numpy(latents["s2"].astype(np.float32)))
+    assert batch.k.tolist() == [-1, 8, -1, 8, -1] and batch.label.tolist() == [0, 1, 2, 3, 4]
+    assert batch.complexity.tolist() == [0, 1, 2, 3, 4] and dm.skipped == 1
 
 
 class TinyModel(L.LightningModule):
@@ -156,13 +156,13 @@ class TinyModel(L.LightningModule):
         self.net = torch.nn.Conv2d(3, 3, 1)
 
     def _step(self, batch: dict) -> torch.Tensor:
-        return (self.net(batch["image"]) - batch["image"]).pow(2).mean()
+        return (self.net(batch.image) - batch.image).pow(2).mean()
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         return self._step(batch)
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
-        self.log("val/loss", self._step(batch), batch_size=len(batch["key"]))
+        self.log("val/loss", self._step(batch), batch_size=len(batch.key))
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return torch.optim.SGD(self.parameters(), lr=0.1)

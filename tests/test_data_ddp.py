@@ -23,10 +23,10 @@ class KeyRecorder(L.LightningModule):
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         self.train_batches += 1
-        return (self.net(batch["image"]) - batch["image"]).pow(2).mean()
+        return (self.net(batch.image) - batch.image).pow(2).mean()
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
-        self.val_keys += batch["key"]
+        self.val_keys += batch.key
 
     def on_fit_end(self) -> None:
         record = {"train_batches": self.train_batches, "val_keys": self.val_keys}

@@ -19,7 +19,6 @@ from vlt.metrics import (
     make_extractor,
     measured_flops,
     metric_name,
-    psnr,
     transformer_flops,
 )
 from vlt.nn import Attention, Mlp, SwiGLU
@@ -145,20 +144,6 @@ def test_missing_inception_weights_say_what_to_put_where(tmp_path, monkeypatch):
     (tmp_path / "w.pth").write_bytes(b"")
     with pytest.raises(ValueError, match="torch-fidelity"):  # weights present, network package absent
         build_fid("inception", weights=str(tmp_path / "w.pth"))
-
-
-def test_psnr():
-    torch.manual_seed(0)
-    x = torch.rand(3, 3, 8, 8) * 2 - 1
-    y = x.clone()
-    y[1] += 0.2  # mse in [0,1] units = 0.01 (before clamping)
-    y[1] = y[1].clamp(-1, 1)
-    out = psnr(x, y)
-    assert out.shape == (3,)
-    assert out[0] == 100.0 and out[2] == 100.0
-    expected = 10 * torch.log10(1 / (((x[1] - y[1]) / 2) ** 2).mean())
-    assert torch.allclose(out[1], expected)
-    assert psnr(-torch.ones(1, 3, 4, 4), torch.ones(1, 3, 4, 4)).item() == pytest.approx(0.0, abs=1e-5)
 
 
 class Block(nn.Module):

@@ -36,9 +36,9 @@ def test_flipped_latents_are_the_encodings_of_flipped_images(tiny_latents, tiny_
     data.setup("validate")
     batch = next(iter(data.val_dataloader()))
     with torch.no_grad():
-        z = tok.encode(batch["image"])  # (B, N, C)
-        z_flip = tok.encode(batch["image"].flip(-1))  # (B, N, C)
-    for i, key in enumerate(batch["key"]):
+        z = tok.encode(batch.image)  # (B, N, C)
+        z_flip = tok.encode(batch.image.flip(-1))  # (B, N, C)
+    for i, key in enumerate(batch.key):
         plain, flipped = cached[key]
         torch.testing.assert_close(torch.from_numpy(plain), z[i], atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(torch.from_numpy(flipped), z_flip[i], atol=1e-5, rtol=1e-5)
@@ -55,12 +55,12 @@ def test_training_draws_flipped_latents_half_the_time_validation_never(tiny_late
     data.setup("fit")
     picks = []
     for batch in data.train_dataloader():
-        for key, latent in zip(batch["key"], batch["latent"], strict=True):
+        for key, latent in zip(batch.key, batch.latent, strict=True):
             plain, flipped = cached[key]
             is_flip = np.array_equal(latent.numpy(), flipped)
             assert is_flip or np.array_equal(latent.numpy(), plain)
             picks.append(is_flip)
     assert len(picks) == 256 and 0.35 < np.mean(picks) < 0.65
     for batch in data.val_dataloader():
-        for key, latent in zip(batch["key"], batch["latent"], strict=True):
+        for key, latent in zip(batch.key, batch.latent, strict=True):
             assert np.array_equal(latent.numpy(), cached[key][0])

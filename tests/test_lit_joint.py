@@ -16,6 +16,7 @@ from vlt.lit import LitJoint
 from vlt.models.dit import DiTConfig
 from vlt.models.tokenizer import TokenizerConfig
 from vlt.specs import AlignEncoderSpec, JointSpec, MergeSpec, PartLR
+from vlt.types import ImageBatch
 
 TOK = TokenizerConfig(width=32, heads=2, enc_depth=1, dec_depth=1)
 DIT = DiTConfig(width=32, depth=2, heads=2, class_dropout=0.1)
@@ -40,8 +41,11 @@ def _tok(model: LitJoint) -> nn.Module:
     return model.generator.tokenizer.net
 
 
-def _batch(b: int = 4) -> dict:
-    return {"image": torch.rand(b, 3, 32, 32) * 2 - 1, "label": torch.tensor([0, 1, -1, 3][:b])}
+def _batch(b: int = 4) -> ImageBatch:
+    image, label = torch.rand(b, 3, 32, 32) * 2 - 1, torch.tensor([0, 1, -1, 3][:b])
+    return ImageBatch(
+        image=image, label=label, complexity=torch.zeros(b, dtype=torch.long), key=list("abcd"[:b])
+    )
 
 
 def _grads(module: nn.Module) -> dict[str, float]:
@@ -143,7 +147,7 @@ def test_file_encoder_is_frozen_adapted_and_never_saved(tmp_path):
     torch.jit.save(torch.jit.script(_TinyEncoder()), str(path))
     model = _joint(align_encoder=AlignEncoderSpec(kind="file", path=str(path), image_size=32))
     assert model.target.width == 12
-    feats = model.target(_batch()["image"])
+    feats = model.target(_batch().image)
     assert feats.shape == (4, 32, 12) and not feats.requires_grad
     assert not any(key.startswith("target.") for key in model.state_dict())
     model.losses(_batch(), 8, recon_k=8)["align_tok"].backward()

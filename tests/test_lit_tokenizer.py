@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
 
@@ -10,6 +12,7 @@ from vlt import load as vlt_load
 from vlt.cli import main as vlt
 from vlt.lit import LitTokenizer
 from vlt.models.pattern import MergePattern
+from vlt.specs import MergeSpec, OptimSpec
 
 pytestmark = pytest.mark.slow
 
@@ -79,3 +82,27 @@ def test_resolved_config_is_saved_beside_the_checkpoints(tiny_tokenizer):
     assert config["model"]["init_args"]["tokenizer"]["width"] == 32  # the command-line override, resolved
     hparams = LitTokenizer.load_from_checkpoint(tiny_tokenizer).hparams
     assert hparams["tokenizer"].width == 32 and hparams["merge"].grid == [4, 8, 16, 32]
+
+
+def test_full_k_fraction_runs_the_first_steps_at_k_equal_n():
+    torch.manual_seed(0)
+    model = LitTokenizer(merge=MergeSpec(grid=[4, 8], full_k_fraction=0.25))
+    ks = [model.training_k(step, 100) for step in range(100)]
+    assert ks[:25] == [32] * 25 and set(ks[25:]) == {4, 8}
+    assert set(model.training_k(0, -1) for _ in range(20)) == {4, 8}  # max_steps unset: no warm phase
+
+
+def test_lr_schedule_warms_up_linearly_and_decays_by_cosine_to_the_floor():
+    spec = OptimSpec(lr=1e-3, warmup_steps=10, min_lr_ratio=0.1)
+    opt = spec.build([torch.nn.Parameter(torch.zeros(1))], total_steps=110)
+    sched = opt["lr_scheduler"]["scheduler"]
+    assert opt["lr_scheduler"]["interval"] == "step"
+    lrs = []
+    for _ in range(120):
+        lrs.append(opt["optimizer"].param_groups[0]["lr"])
+        opt["optimizer"].step()
+        sched.step()
+    assert lrs[:10] == pytest.approx([1e-3 * (s + 1) / 10 for s in range(10)])
+    assert lrs[10] == pytest.approx(1e-3) and lrs[60] == pytest.approx(1e-3 * (0.1 + 0.9 * 0.5))
+    assert lrs[110:] == pytest.approx([1e-4] * 10)  # the floor after total_steps
+    assert all(a >= b for a, b in itertools.pairwise(lrs[10:]))

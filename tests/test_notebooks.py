@@ -1,4 +1,5 @@
-"""The stage notebooks run top to bottom on the tiny session checkpoints and are stored without outputs."""
+"""The notebooks run top to bottom (the stage ones on the tiny session checkpoints) and are stored without
+outputs."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import pytest
 
 from tests.conftest import ROOT
 
-NOTEBOOKS = ["02_tokenizer_merging.ipynb", "03_sampling.ipynb"]
+NOTEBOOKS = ["01_embedded_data.ipynb", "02_tokenizer_merging.ipynb", "03_sampling.ipynb"]
 
 
 @pytest.mark.parametrize("name", NOTEBOOKS)
@@ -41,7 +42,16 @@ def execute(name: str, tmp_path, env: dict) -> list[dict]:
     )
     assert done.returncode == 0, done.stderr[-3000:]
     executed = json.loads((tmp_path / name).read_text())
-    return [o for c in executed["cells"] for o in c.get("outputs", [])]
+    outputs = [o for c in executed["cells"] for o in c.get("outputs", [])]
+    assert not any(o.get("output_type") == "error" for o in outputs)
+    return outputs
+
+
+@pytest.mark.slow
+def test_embedded_data_notebook(tmp_path):
+    """It builds the embedded sets if they are missing."""
+    outputs = execute("01_embedded_data.ipynb", tmp_path, {})
+    assert sum("image/png" in o.get("data", {}) for o in outputs) == 3
 
 
 @pytest.mark.slow

@@ -77,10 +77,16 @@ def test_recon_loss_is_the_weighted_sum_of_its_parts() -> None:
 
 
 def test_psnr() -> None:
+    """One PSNR definition for logs and curves: per image, peak-to-peak 2, clamped, capped at 100 dB."""
     x = torch.rand(3, 3, 8, 8) * 1.6 - 0.8
     torch.testing.assert_close(psnr(x, x + 0.1), torch.full((3,), 10 * math.log10(400.0)))
     assert (psnr(x, x) == 100).all()  # identical images are capped, not inf
     assert torch.equal(psnr(x, x + 5), psnr(x, x.new_ones(x.shape)))  # predictions are clamped
+    y = x.clone()
+    y[1] = (y[1] + 0.2).clamp(-1, 1)
+    out = psnr(x, y)
+    assert out.shape == (3,) and out[0] == 100.0 and out[2] == 100.0
+    torch.testing.assert_close(out[1], 10 * torch.log10(1 / (((x[1] - y[1]) / 2) ** 2).mean()))
 
 
 @pytest.mark.parametrize("path", [None, "missing/perceptual.pt"])

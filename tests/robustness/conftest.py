@@ -58,5 +58,5 @@ def read_val(spec, **kw) -> tuple[list[str], object]:
 
     dm = WebDataModule(val=spec, image_size=16, val_batch_size=4, num_workers=kw.pop("num_workers", 0), **kw)
     dm.setup()
-    keys = [k for batch in dm.val_dataloader() for k in batch["key"]]
+    keys = [k for batch in dm.val_dataloader() for k in batch.key]
     return keys, dm

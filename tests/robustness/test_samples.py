@@ -60,7 +60,7 @@ def test_bad_latents_are_skipped(tmp_path):
             sink.write({"__key__": key, "latent.npy": npy(latent), "json": json.dumps({"k": 4}).encode()})
     dm = WebDataModule(val=str(tmp_path / "lat-0.tar"), kind="latents", num_workers=0)
     dm.setup()
-    keys = [k for batch in dm.val_dataloader() for k in batch["key"]]
+    keys = [k for batch in dm.val_dataloader() for k in batch.key]
     assert keys == ["a", "b"] and dm.skipped == 2
 
 
@@ -78,7 +78,7 @@ class Labelled(L.LightningModule):
         self.dit = DiT(DiTConfig(width=32, depth=1, heads=2, n_slots=4, channels=4, num_classes=3))
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        return self.dit.y_embed.embedding_table(batch["label"]).pow(2).mean()
+        return self.dit.y_embed.embedding_table(batch.label).pow(2).mean()
 
     def configure_optimizers(self):
         return torch.optim.SGD(self.parameters(), lr=0.1)

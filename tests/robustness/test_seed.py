@@ -16,7 +16,7 @@ def batches(spec: str, seed: int | None, workers: int, n: int = 6) -> list[list[
     dm.setup()
     loader = dm.train_dataloader()
     # Two epochs of one loader, as Lightning iterates it: keys in order plus the augmented pixels.
-    return [[*batch["key"], float(batch["image"].sum())] for _epoch in range(2) for batch in loader]
+    return [[*batch.key, float(batch.image.sum())] for _epoch in range(2) for batch in loader]
 
 
 @pytest.fixture(scope="module")

@@ -17,26 +17,30 @@ import lightning.pytorch as pl
 import torch
 from torch import Tensor
 
-IMAGE_KEYS = ("image", "images", "img")
-LABEL_KEYS = ("label", "labels", "cls", "y")
+from vlt.types import ImageBatch, LatentBatch
 
 
 def split_batch(batch: Any) -> tuple[Tensor | None, Tensor | None, int]:
-    """(images (B, 3, H, W) or None, labels (B,) or None, B) from a dict, tuple/list or tensor batch."""
-    if isinstance(batch, Mapping):
-        images = next((batch[k] for k in IMAGE_KEYS if k in batch), None)
-        labels = next((batch[k] for k in LABEL_KEYS if k in batch), None)
-        sized = next((v for v in batch.values() if isinstance(v, Tensor) and v.ndim > 0), None)
+    """(images (B, 3, H, W) or None, labels (B,) or None, B) of a val batch: vlt's typed batches, or
+    another datamodule's {"image", "label"} dict, (images, labels) tuple or image tensor."""
+    if isinstance(batch, ImageBatch):
+        return batch.image, batch.label, len(batch)
+    if isinstance(batch, LatentBatch):
+        return None, batch.label, len(batch)
+    if isinstance(batch, Mapping):  # another datamodule's dict batches: exactly "image" and "label"
+        images, labels = batch["image"], batch.get("label")
     elif isinstance(batch, (tuple, list)):
         images, labels = batch[0], (batch[1] if len(batch) > 1 else None)
-        sized = images
     elif isinstance(batch, Tensor):
-        images, labels, sized = batch, None, batch
+        images, labels = batch, None
     else:
-        raise ValueError(f"cannot read images from a val batch of type {type(batch).__name__}")
+        raise ValueError(
+            f"cannot read images from a val batch of type {type(batch).__name__}: expected an ImageBatch, "
+            "a LatentBatch, an (images, labels) tuple or an image tensor"
+        )
     if labels is not None and not isinstance(labels, Tensor):
         labels = torch.as_tensor(labels)
-    return images, labels, (len(sized) if sized is not None else 0)
+    return images, labels, len(images)
 
 
 def _val_loader(trainer: pl.Trainer) -> Iterable:

@@ -64,7 +64,7 @@ class ReconstructionImages(pl.Callback):
         self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0
     ) -> None:
         if batch_idx == 0 and self._batch is None:
-            self._batch = batch["image"][: self.num_images].detach()
+            self._batch = batch.image[: self.num_images].detach()
 
     @torch.no_grad()
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

@@ -8,6 +8,7 @@ import lightning as L
 from lightning.pytorch.callbacks import Callback
 
 from vlt.data.labels import check_labels, model_classes
+from vlt.types import ImageBatch, LatentBatch
 
 
 class LabelCheck(Callback):
@@ -18,9 +19,9 @@ class LabelCheck(Callback):
     """
 
     def _check(self, pl_module: L.LightningModule, batch: Any, stage: str) -> None:
-        if isinstance(batch, dict) and "label" in batch:
+        if isinstance(batch, (ImageBatch, LatentBatch)):
             where = f"{stage} batch of {type(pl_module).__name__}"
-            check_labels(batch["label"], model_classes(pl_module), where=where, keys=batch.get("key", ()))
+            check_labels(batch.label, model_classes(pl_module), where=where, keys=batch.key)
 
     def on_train_batch_start(
         self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, *a: Any

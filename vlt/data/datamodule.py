@@ -29,7 +29,6 @@ from vlt.data.cache import load_allocation, load_ks
 from vlt.data.seeds import SeededShuffle, rank_seed, worker_seed
 from vlt.data.shards import resolve_shards, shard_info
 from vlt.data.stream import (
-    SKIPS_ONLY,
     SkipTally,
     attach_ks,
     batch_records,
@@ -41,6 +40,7 @@ from vlt.data.stream import (
 )
 from vlt.data.tario import tar_samples
 from vlt.data.transforms import check_crop
+from vlt.types import Batch, SkipsOnly
 
 log = logging.getLogger(__name__)
 KINDS: tuple[str, ...] = ("images", "latents")
@@ -195,11 +195,11 @@ class WebDataModule(L.LightningDataModule):
         )
         return loader.compose(self._account)
 
-    def _account(self, src: Iterator[dict]) -> Iterator[dict]:
+    def _account(self, src: Iterator[Batch | SkipsOnly]) -> Iterator[Batch]:
         """Pop the counts the readers attached to each batch; drop skips-only records."""
         for batch in src:
             self.on_after_batch_transfer(batch, 0)
-            if not batch.pop(SKIPS_ONLY, False):
+            if not isinstance(batch, SkipsOnly):
                 yield batch
 
     def train_dataloader(self) -> wds.WebLoader:
@@ -243,9 +243,10 @@ class WebDataModule(L.LightningDataModule):
 
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         """Pop the skip counts the readers attached to the batch (if still there) and count them."""
-        if isinstance(batch, dict) and "n_skipped" in batch:
-            n, keys = int(batch.pop("n_skipped")), batch.pop("skipped_keys", [])
-            self.count_skipped(n, keys, shard_errors=int(batch.pop("n_shard_errors", 0)))
+        skips = getattr(batch, "skips", None)
+        if skips is not None:
+            batch.skips = None
+            self.count_skipped(skips.skipped, skips.notes, shard_errors=skips.shard_errors)
         return batch
 
     def count_skipped(self, n: int, keys: list[str], *, shard_errors: int = 0) -> None:

@@ -7,10 +7,10 @@ one skip-and-count path: a bad sample is skipped and counted by a `SkipTally` wi
 reason, never fatal. Problems of a whole shard (truncated, corrupt header, not a tar, no samples, a
 failing `pipe:` command) are counted separately as shard errors, with the shard's name.
 Worker processes cannot share counters with the main process, so the counts travel IN the batches:
-each batch carries `n_skipped`, `n_shard_errors` and `skipped_keys` (the first few notes) since the
-previous batch of its worker; a worker whose stream ends with counts that no batch carried emits one
-skips-only record (`SKIPS_ONLY`), which the loader's `SkipAccounting` stage consumes in the main
-process, so counts arrive even when no batch forms.
+each typed batch (`vlt.types.ImageBatch` / `LatentBatch`) carries `skips` (counts and the first few
+notes) since the previous batch of its worker; a worker whose stream ends with counts that no batch
+carried emits one `SkipsOnly` record, which the DataModule consumes in the main process, so counts
+arrive even when no batch forms.
 
 The training stream never ends (shards are resampled), so a tally built with `max_bad` raises
 `StreamError`, naming the shards, after that many consecutive bad samples or shard errors, or after
@@ -35,11 +35,11 @@ import torch
 
 from vlt.data.seeds import worker_seed
 from vlt.data.transforms import IMAGE_EXTENSIONS, Crop, image_array, to_unit_range
+from vlt.types import Batch, ImageBatch, LatentBatch, SkipCounts, SkipsOnly
 
 log = logging.getLogger(__name__)
 MAX_KEYS = 8  # bad keys carried per batch: enough to find the culprits, bounded memory
 MAX_SHARDS = 8  # shard names kept for a StreamError message
-SKIPS_ONLY = "__skips_only__"
 INT64 = (-(2**63), 2**63 - 1)
 Record = dict[str, Any]
 
@@ -243,25 +243,26 @@ def decode_latents(
         yield record
 
 
-def collate_images(records: list[Record]) -> Record:
-    """Records -> {"image": (B, 3, H, W) in [-1, 1], "label": (B,), "complexity": (B,), "key": [B]}."""
-    return {
-        "image": to_unit_range(np.stack([r["image"] for r in records])),  # (B, 3, H, W)
-        "label": torch.tensor([r["label"] for r in records], dtype=torch.long),  # (B,)
-        "complexity": torch.tensor([int(r["complexity"]) for r in records], dtype=torch.long),  # (B,)
-        "key": [r["key"] for r in records],
-    }
+def _long(records: list[Record], name: str) -> torch.Tensor:
+    return torch.tensor([int(r[name]) for r in records], dtype=torch.long)  # (B,)
 
 
-def collate_latents(records: list[Record]) -> Record:
-    """Records -> {"latent": (B, N, C), "label", "complexity", "k": (B,) long, "key"}; one N per batch."""
-    return {
-        "latent": torch.from_numpy(np.stack([r["latent"] for r in records])),  # (B, N, C)
-        "label": torch.tensor([r["label"] for r in records], dtype=torch.long),  # (B,)
-        "complexity": torch.tensor([int(r["complexity"]) for r in records], dtype=torch.long),  # (B,)
-        "k": torch.tensor([int(r["k"]) for r in records], dtype=torch.long),  # (B,)
-        "key": [r["key"] for r in records],
-    }
+def collate_images(records: list[Record]) -> ImageBatch:
+    """Records -> ImageBatch(image (B, 3, H, W) in [-1, 1], label, complexity, key)."""
+    image = to_unit_range(np.stack([r["image"] for r in records]))  # (B, 3, H, W)
+    keys = [r["key"] for r in records]
+    return ImageBatch(
+        image=image, label=_long(records, "label"), complexity=_long(records, "complexity"), key=keys
+    )
+
+
+def collate_latents(records: list[Record]) -> LatentBatch:
+    """Records -> LatentBatch(latent (B, N, C), label, complexity, k, key); one N per batch."""
+    latent = torch.from_numpy(np.stack([r["latent"] for r in records]))  # (B, N, C)
+    return LatentBatch(
+        latent=latent, label=_long(records, "label"), complexity=_long(records, "complexity"),
+        k=_long(records, "k"), key=[r["key"] for r in records],
+    )  # fmt: skip
 
 
 def attach_ks(src: Iterator[Record], *, ks: Mapping[str, int], tally: SkipTally) -> Iterator[Record]:
@@ -284,9 +285,9 @@ def batch_records(
     batch_size: int,
     partial: bool,
     tally: SkipTally,
-    collate: Callable[[list[Record]], Record],
+    collate: Callable[[list[Record]], Batch],
     bucket: Callable[[Record], Hashable] | None = None,
-) -> Iterator[Record]:
+) -> Iterator[Batch | SkipsOnly]:
     """Group records into collated batches that carry the skip counts (see module doc).
 
     With `bucket`, one buffer per bucket value: a batch is emitted when its buffer fills, so every
@@ -306,11 +307,11 @@ def batch_records(
         for name in sorted(buffers):
             yield _with_counts(collate(buffers[name]), tally)
     if tally.pending():
-        yield _with_counts({"key": [], SKIPS_ONLY: True}, tally)
+        yield SkipsOnly(SkipCounts(*tally.take()))
 
 
-def _with_counts(batch: Record, tally: SkipTally) -> Record:
-    batch["n_skipped"], batch["n_shard_errors"], batch["skipped_keys"] = tally.take()
+def _with_counts(batch: Batch, tally: SkipTally) -> Batch:
+    batch.skips = SkipCounts(*tally.take())
     return batch
 
 
@@ -324,8 +325,8 @@ def bucket_by_k(
     batch_size: int,
     partial: bool,
     tally: SkipTally,
-    collate: Callable[[list[Record]], Record],
-) -> Iterator[Record]:
+    collate: Callable[[list[Record]], Batch],
+) -> Iterator[Batch | SkipsOnly]:
     """`batch_records` with one buffer per K: equal-K batches, no padding (see `batch_records`)."""
     return batch_records(
         src, batch_size=batch_size, partial=partial, tally=tally, collate=collate, bucket=record_k

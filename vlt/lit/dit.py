@@ -35,6 +35,7 @@ from vlt.objectives.flow import FlowSpec
 from vlt.specs import OptimSpec, param_groups
 from vlt.stages import AdaptiveSamples, LatentGenerator, load
 from vlt.stages.export import build_generator
+from vlt.types import LatentBatch
 
 KSource = Literal["cycle", "data"]
 K_SOURCES: tuple[str, ...] = get_args(KSource)
@@ -53,9 +54,9 @@ def train_cycle(k_cycle: list[int] | None, ks: list[int], n: int) -> list[int]:
     return cycle or ks
 
 
-def batch_k(batch: dict) -> int:
+def batch_k(batch: LatentBatch) -> int:
     """The one K of a bucketed batch; a clear error when the batch has none or mixes several."""
-    ks = batch["k"].unique().tolist()
+    ks = batch.k.unique().tolist()
     if len(ks) != 1 or ks[0] < 0:
         raise ValueError(
             f"k_source='data' needs batches of one allocated K, got K values {ks} (-1: none): set "
@@ -185,31 +186,31 @@ class LitDiT(L.LightningModule):
         checkpoint["vlt_stage"] = "dit"
 
     # --- training ---
-    def training_k(self, batch: dict | None = None) -> int:
+    def training_k(self, batch: LatentBatch | None = None) -> int:
         """The step's K: from the cycle, the same on every rank (it follows global_step), or the batch's."""
         if self.k_source == "data":
             return batch_k(batch)
         return self.k_cycle[self.global_step % len(self.k_cycle)]
 
-    def _loss(self, batch: dict, k: int) -> dict[str, Tensor]:
+    def _loss(self, batch: LatentBatch, k: int) -> dict[str, Tensor]:
         gen = self.generator
-        x1 = gen.pattern.merge(gen.normalise(batch["latent"]), k)  # (B, K, C)
-        y = gen.labels(batch["label"])
+        x1 = gen.pattern.merge(gen.normalise(batch.latent), k)  # (B, K, C)
+        y = gen.labels(batch.label)
         return gen.flow.training_losses(gen.dit, x1, y, gen.pattern.gbar(k), gen.pattern.sizes(k))
 
-    def training_step(self, batch: dict, batch_idx: int) -> Tensor:
+    def training_step(self, batch: LatentBatch, batch_idx: int) -> Tensor:
         k = self.training_k(batch)
         parts = self._loss(batch, k)
         self.log_dict({"train/loss": parts["loss"], "train/mse": parts["mse"], "train/k": float(k)})
         return parts["loss"]
 
-    def validation_step(self, batch: dict, batch_idx: int) -> None:
+    def validation_step(self, batch: LatentBatch, batch_idx: int) -> None:
         own = batch_k(batch) if self.k_source == "data" else None
         for k in self.ks:
             loss = self._loss(batch, k)["loss"]
             self.val_loss[str(k)].update(loss)
             if k == own:  # content-adaptive: the loss at the images' own K, weighted per image
-                self.val_loss_adaptive.update(loss, len(batch["label"]))
+                self.val_loss_adaptive.update(loss, len(batch.label))
 
     def on_validation_epoch_end(self) -> None:
         for k in self.ks:

@@ -40,6 +40,7 @@ from vlt.objectives.recon import ReconLoss, psnr
 from vlt.specs import AlignEncoderSpec, JointSpec, LossSpec, MergeSpec, OptimSpec, PartLR, param_groups
 from vlt.stages import export, load
 from vlt.stages.export import build_generator, read_checkpoint
+from vlt.types import ImageBatch
 
 ENCODER_KINDS: tuple[str, ...] = ("stage1", "file")
 
@@ -184,10 +185,10 @@ class LitJoint(L.LightningModule):
         w = torch.tensor([weights.get(k, 1.0) for k in self.recon_grid])
         return self.recon_grid[int(torch.multinomial(w, 1))]
 
-    def losses(self, batch: dict, k: int, recon_k: int) -> dict[str, Tensor]:
+    def losses(self, batch: ImageBatch, k: int, recon_k: int) -> dict[str, Tensor]:
         """Every loss term of one step at DiT level K and reconstruction level recon_k."""
         gen, pattern = self.generator, self.generator.pattern
-        images, y = batch["image"], gen.labels(batch["label"])
+        images, y = batch.image, gen.labels(batch.label)
         enc = gen.tokenizer.net.encode(images)  # z: (B, N, C)
         recon = self.criterion(images, self.decode_at(enc.z, recon_k), kl=enc.kl, align=enc.kl.new_zeros(()))
         gbar, sizes = pattern.gbar(k), pattern.sizes(k)
@@ -210,7 +211,7 @@ class LitJoint(L.LightningModule):
             align_tok=align_tok, recon=recon["loss"], l2=recon["l2"], kl=recon["kl"],
         )  # fmt: skip
 
-    def training_step(self, batch: dict, batch_idx: int) -> Tensor:
+    def training_step(self, batch: ImageBatch, batch_idx: int) -> Tensor:
         k = self.training_k()
         parts = self.losses(batch, k, recon_k=self.recon_k())
         self.log_dict({f"train/{name}": value for name, value in parts.items()})
@@ -230,9 +231,9 @@ class LitJoint(L.LightningModule):
         return self.hparams.optim.build(self.param_groups(), self.trainer.max_steps)
 
     # --- validation: diffusion loss and PSNR per K ---
-    def validation_step(self, batch: dict, batch_idx: int) -> None:
-        gen, images = self.generator, batch["image"]
-        y, z = gen.labels(batch["label"]), gen.tokenizer.encode(images)  # z: (B, N, C)
+    def validation_step(self, batch: ImageBatch, batch_idx: int) -> None:
+        gen, images = self.generator, batch.image
+        y, z = gen.labels(batch.label), gen.tokenizer.encode(images)  # z: (B, N, C)
         for k in self.ks:
             gbar, sizes = gen.pattern.gbar(k), gen.pattern.sizes(k)
             path = gen.flow.noisy(gen.pattern.merge(self.normalise(z), k), gbar)

@@ -25,6 +25,7 @@ from vlt.models.tokenizer import Tokenizer, TokenizerConfig
 from vlt.objectives.recon import ReconLoss, psnr
 from vlt.specs import LossSpec, MergeSpec, OptimSpec, param_groups
 from vlt.stages.tokenizer import VariableLengthTokenizer
+from vlt.types import ImageBatch
 
 
 class LitTokenizer(L.LightningModule):
@@ -90,15 +91,15 @@ class LitTokenizer(L.LightningModule):
         return stage.eval().requires_grad_(False)
 
     # --- training ---
-    def training_k(self) -> int:
-        """K = N for the first `full_k_fraction` of steps, then a draw from the weighted grid."""
-        total = self.trainer.max_steps if self._trainer is not None else -1
-        if total > 0 and self.global_step < self.full_k_fraction * total:
+    def training_k(self, step: int, total_steps: int) -> int:
+        """K = N for the first `full_k_fraction` of `total_steps` (<= 0: no warm phase), then a draw
+        from the weighted grid."""
+        if total_steps > 0 and step < self.full_k_fraction * total_steps:
             return self.n_slots
         return self.merger.sample_k()
 
-    def training_step(self, batch: dict, batch_idx: int) -> Tensor:
-        images, k = batch["image"], self.training_k()
+    def training_step(self, batch: ImageBatch, batch_idx: int) -> Tensor:
+        images, k = batch.image, self.training_k(self.global_step, self.trainer.max_steps)
         enc = self.tokenizer.encode(images)
         merged = self.merger(enc.z, k)
         recon = self.tokenizer.decode(merged.z_hat)
@@ -114,8 +115,8 @@ class LitTokenizer(L.LightningModule):
         return self.optim_spec.build(groups, self.trainer.max_steps)
 
     # --- validation: PSNR at every K, slot collapse and merged-pair diagnostics ---
-    def validation_step(self, batch: dict, batch_idx: int) -> None:
-        images = batch["image"]
+    def validation_step(self, batch: ImageBatch, batch_idx: int) -> None:
+        images = batch.image
         z = self.encode(images)  # (B, N, C)
         cos = _pairwise_cos(z)  # (B, N, N)
         off_diag = ~torch.eye(self.n_slots, dtype=torch.bool, device=z.device)

@@ -35,6 +35,7 @@ from vlt.data.labels import check_labels, data_classes
 from vlt.data.transforms import to_uint8
 from vlt.paths import check_name
 from vlt.stages import VariableLengthTokenizer, load
+from vlt.types import ImageBatch
 
 
 def _rank_world() -> tuple[int, int]:
@@ -57,19 +58,19 @@ class _Totals:
 
 
 def _write_batch(
-    model: VariableLengthTokenizer, batch: dict, grid: list[int], sink, totals: _Totals, flip: bool
+    model: VariableLengthTokenizer, batch: ImageBatch, grid: list[int], sink, totals: _Totals, flip: bool
 ) -> None:
     """Encode one batch, update the sums and write one latent sample per image (labels checked); with
     `flip` also the latent of each horizontally flipped image (statistics stay those of the originals)."""
-    z = model.encode(batch["image"]).double()  # (B, N, C)
-    z_flip = model.encode(batch["image"].flip(-1)) if flip else None  # (B, N, C)
+    z = model.encode(batch.image).double()  # (B, N, C)
+    z_flip = model.encode(batch.image.flip(-1)) if flip else None  # (B, N, C)
     totals.total += z.sum(dim=(0, 1))
     totals.total_sq += z.pow(2).sum(dim=(0, 1))
-    totals.count += len(batch["key"])
-    curves = psnr_curves(model, batch["image"], grid, z=z.float()) if grid else None  # (B, G)
-    pixels = to_uint8(batch["image"]) if grid else None  # (B, H, W, 3)
-    for i, key in enumerate(batch["key"]):
-        meta = {"label": int(batch["label"][i]), "complexity": int(batch["complexity"][i]), "key": key}
+    totals.count += len(batch.key)
+    curves = psnr_curves(model, batch.image, grid, z=z.float()) if grid else None  # (B, G)
+    pixels = to_uint8(batch.image) if grid else None  # (B, H, W, 3)
+    for i, key in enumerate(batch.key):
+        meta = {"label": int(batch.label[i]), "complexity": int(batch.complexity[i]), "key": key}
         if curves is not None:
             meta["psnr"] = [float(p) for p in curves[i]]
             meta["png_bytes"] = png_size(pixels[i])
@@ -148,7 +149,7 @@ def cache_latents(
     ):
         for batch in data.val_dataloader():
             where = f"cache-latents of {shards}"
-            check_labels(batch["label"], data_classes(data.info), where=where, keys=batch["key"])
+            check_labels(batch.label, data_classes(data.info), where=where, keys=batch.key)
             _write_batch(model, batch, grid, sink, totals, flip)
     meta = {"tokenizer": str(tokenizer), "world_size": world, "skipped": data.skipped, "start": start}
     meta["flip"] = flip
