@@ -98,14 +98,18 @@ class LitTokenizer(L.LightningModule):
             return self.n_slots
         return self.merger.sample_k()
 
-    def training_step(self, batch: ImageBatch, batch_idx: int) -> Tensor:
-        images, k = batch.image, self.training_k(self.global_step, self.trainer.max_steps)
+    def losses(self, images: Tensor, k: int) -> dict[str, Tensor]:
+        """Every loss term of one training step at level K (the merger in its current mode)."""
         enc = self.tokenizer.encode(images)
         merged = self.merger(enc.z, k)
         recon = self.tokenizer.decode(merged.z_hat)
         # The alignment loss only shapes which slots merge: nothing merges on K = N steps.
         align = self.merger.alignment_loss(enc.z) if k < self.n_slots else enc.z.new_zeros(())
-        parts = self.criterion(images, recon, kl=enc.kl, align=align)
+        return self.criterion(images, recon, kl=enc.kl, align=align)
+
+    def training_step(self, batch: ImageBatch, batch_idx: int) -> Tensor:
+        k = self.training_k(self.global_step, self.trainer.max_steps)
+        parts = self.losses(batch.image, k)
         self.log_dict({f"train/{name}": value for name, value in parts.items()}, prog_bar=False)
         self.log("train/k", float(k))
         return parts["loss"]
