@@ -29,6 +29,7 @@ TOOLS: dict[str, str] = {
     "sample": "vlt.sampling:sample",
     "curves": "vlt.callbacks.curves:curves",
     "allocate": "vlt.adaptive.command:allocate",
+    "features": "vlt.metrics.features:features",
 }
 
 
