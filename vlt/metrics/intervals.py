@@ -92,4 +92,11 @@ def combine(per_seed: Sequence[Mapping[str, Estimate]], confidence: float = 0.95
     """One estimate per name from S evaluations: itself for S = 1, else the t interval over seeds."""
     if len(per_seed) == 1:
         return dict(per_seed[0])
-    return {name: t_interval([e[name].mean for e in per_seed], confidence) for name in per_seed[0]}
+    out = {}
+    for name, first in per_seed[0].items():
+        values = [e[name].mean for e in per_seed]
+        if first.method == "subsets":  # a spread itself (KID's subset std): averaged, no interval
+            out[name] = Estimate(float(np.mean(values)), 0.0, len(values), "subsets")
+        else:
+            out[name] = t_interval(values, confidence)
+    return out

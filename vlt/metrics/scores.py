@@ -48,6 +48,19 @@ def fd_from_moments(mu_r: Tensor, root_r: Tensor, trace_r: float, mu_g: Tensor, 
     return float((mu_r - mu_g).square().sum() + trace_r + cov_g.trace() - 2 * trace_sqrt)
 
 
+def fd_to_features(mu_r: Tensor, root_r: Tensor, trace_r: float, fake: Tensor) -> float:
+    """`fd_from_moments` with the generated side as features (M, F): the trace term comes from the
+    eigenvalues of A^T A or A A^T with A = (fake - mean) S_r^1/2, whichever is smaller (same nonzero
+    eigenvalues), so a bootstrap over a few samples of wide features stays cheap."""
+    x = fake.double()
+    mu_g = x.mean(0)
+    a = (x - mu_g) @ root_r  # (M, F)
+    gram = a @ a.T if len(a) < a.shape[1] else a.T @ a  # (min(M, F),) * 2
+    trace_sqrt = torch.linalg.eigvalsh(gram / (len(x) - 1)).clamp_min(0).sqrt().sum()
+    trace_g = (x - mu_g).square().sum() / (len(x) - 1)
+    return float((mu_r - mu_g).square().sum() + trace_r + trace_g - 2 * trace_sqrt)
+
+
 def frechet(real: Tensor, fake: Tensor) -> float:
     """Fréchet distance between Gaussians fitted to real (N, F) and generated (M, F) features."""
     mu_r, cov_r = moments(real)
@@ -136,8 +149,9 @@ def score(
     confidence: float = 0.95,
     seed: int = 0,
     resample_real: bool = False,
+    subset_std: bool = True,
 ) -> dict[str, Estimate]:
-    """Every metric of `metrics` with a bootstrap interval (plus `kid_subset_std` with kid).
+    """Every metric of `metrics` with a bootstrap interval (plus `kid_subset_std` with kid, if asked).
 
     fd and kid are recomputed on each resample (duplicates never pair with themselves in kid's
     unbiased sums); precision and recall keep each sample's k-NN radius from its full set, so a
@@ -166,11 +180,11 @@ def score(
         out = {}
         if "fd" in metrics:
             if len(ri) == len(r) and bool((ri == torch.arange(len(r))).all()):
-                moments = (mu_r, root_r, trace_r)
+                real_side = (mu_r, root_r, trace_r)
             else:
                 mu, cov = moments(r[ri])
-                moments = (mu, sqrt_psd(cov), float(cov.trace()))
-            out["fd"] = fd_from_moments(*moments, *moments(g[fi]))
+                real_side = (mu, sqrt_psd(cov), float(cov.trace()))
+            out["fd"] = fd_to_features(*real_side, g[fi])
         if "kid" in metrics:
             value = _offdiag_mean(k_rr, ri) + _offdiag_mean(k_ff, fi) - 2 * k_rf[ri][:, fi].mean()
             out["kid"] = float(value)
@@ -187,9 +201,8 @@ def score(
         statistic, len(r), len(g), replicates=replicates, confidence=confidence, seed=seed,
         resample_real=resample_real,
     )  # fmt: skip
-    if "kid" in metrics:
-        subset_std = kid(r, g, seed=seed)[2]
-        estimates["kid_subset_std"] = Estimate(subset_std, 0.0, 1, "subsets")
+    if "kid" in metrics and subset_std:
+        estimates["kid_subset_std"] = Estimate(kid(r, g, seed=seed)[2], 0.0, 1, "subsets")
     return estimates
 
 
