@@ -70,9 +70,10 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP) ## create/refresh the virtual environment (re-runs only when pyproject.toml changes)
 
-data: $(STAMP) ## (re)build the embedded shard sets (synthetic + photos) under data/*/shards
+data: $(STAMP) ## (re)build the embedded shard sets (synthetic + photos) and the vltnet feature net (data/features)
 	$(BIN)/vlt data synthetic --out data/synthetic/shards
 	$(BIN)/vlt data photos --out data/photos/shards
+	$(BIN)/vlt features --out data/features
 
 $(SYNTHETIC): | $(STAMP)
 	$(BIN)/vlt data synthetic --out data/synthetic/shards

@@ -9,10 +9,16 @@ target builds them when missing). Steps, each skipped when its output exists (--
 2. `vlt allocate` at mean budgets N/8, N/4, N/2 (equal mean K and equal mean K^2; search and the single-pass
    predictor): lambda solved on train, applied to val. Left at budget N/4, cost K, search for step 3.
 3. `vlt fit -c conf/dit/tiny-adaptive.yaml`: a DiT with K conditioning on K-bucketed batches.
-4. Token-budget evaluations (`TokenBudgetCallback`, as in the configs): stage 1 PSNR / rfid_proxy at
-   every K and at each budget (per-image oracle allocation on the evaluated images); stage 2 gfid_proxy of the
-   fixed DiT at every K and of the adaptive DiT at each budget, with mean K and FLOPs per image.
-5. `results.md` (tables), `allocations.json`, and figures (`vlt curves`) in --out.
+4. Token-budget evaluations (`TokenBudgetCallback`, as in the configs): stage 1 PSNR / rfid_proxy / vltnet
+   scores at every K and at each budget (per-image oracle allocation on the evaluated images); stage 2
+   gfd_vltnet, gkid_vltnet, precision / recall, class consistency and gfid_proxy of the fixed DiT at every K
+   and of the adaptive DiT at each budget, mean over --seeds noise seeds with a t interval, mean K, FLOPs.
+   With --train_seeds S > 1 both DiTs are trained again with seeds 1..S-1 (`seed_everything` and the
+   data stream's seed) and the tables give the mean and t interval over training seeds.
+5. `results.md` (tables; a difference is marked significant when it exceeds the half-width of its
+   interval), `allocations.json`, and figures (`vlt curves`, with error bars) in --out.
+
+Needs the vltnet feature net (`make data` or `vlt features`; built here when missing).
 """
 
 from __future__ import annotations
@@ -28,6 +34,15 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 VLT = [sys.executable, "-m", "vlt.cli"]
+FEATURES = "data/features"
+SCORES = (
+    "gfd_vltnet",
+    "gkid_vltnet",
+    "gprecision_vltnet",
+    "grecall_vltnet",
+    "gclass_acc_vltnet",
+    "gfid_proxy",
+)
 
 
 def run(args: list[str]) -> None:
@@ -86,21 +101,27 @@ def allocations(latents: Path, budgets: list[int], distortion: str) -> list[dict
     return results
 
 
-def train_adaptive_dit(latents: Path, tokenizer: str, runs_dir: Path, fresh: bool) -> Path:
-    ckpt = runs_dir / "dit-tiny-adaptive" / "checkpoints" / "last.ckpt"
+def train_dit(
+    config: str, name: str, latents: Path, tokenizer: str, runs_dir: Path, fresh: bool, seed: int
+) -> Path:
+    """`vlt fit -c config` as runs/<name>; seed > 0 also seeds the training stream (reruns repeat it)."""
+    ckpt = runs_dir / name / "checkpoints" / "last.ckpt"
     if ckpt.exists() and not fresh:
-        print(f"adaptive DiT found: {ckpt}")
+        print(f"DiT found: {ckpt}")
         return ckpt
     if fresh and ckpt.parent.parent.exists():
         shutil.rmtree(ckpt.parent.parent)
+    seeding = [f"--seed_everything={seed}", f"--data.init_args.seed={seed}"] if seed else []
     run(
         [
             "fit",
             "-c",
-            "conf/dit/tiny-adaptive.yaml",
+            config,
             f"--runs_dir={runs_dir}",
+            f"--name={name}",
             f"--latents={latents}",
             f"--model.init_args.tokenizer={tokenizer}",
+            *seeding,
         ]
     )
     return ckpt
@@ -117,6 +138,9 @@ def evaluate(module, data, name: str, out: Path, **callback_args) -> list[dict]:
         extractor="proxy",
         cache_dir=str(ROOT / "runs" / ".fid_cache"),
         dataset_id="synthetic-val",
+        feature_net=str(ROOT / FEATURES),
+        feature_scores=["fd", "kid", "precision", "recall", "class_acc"],
+        real_shards=str(ROOT / "data/synthetic/shards/val-*.tar"),
         **callback_args,
     )
     if (out / name).exists():
@@ -159,9 +183,9 @@ def stage1(tokenizer: str, budgets: list[int], grid: list[int], out: Path, num_i
 
 def stage2(
     ckpt: Path, latents: Path, budgets: list[int] | None, name: str, out: Path, ks: list[int], seeds: int
-) -> list[list[dict]]:
-    """gfid_proxy rows of one DiT for each noise seed (the proxy FID of a few hundred samples moves by
-    several points between seeds, so the table reports mean and spread)."""
+) -> list[dict]:
+    """Generation rows of one DiT: every score as the mean over `seeds` noise seeds with a t interval
+    (`<score>_ci`); a few hundred samples move between seeds, so one seed decides nothing."""
     from vlt.data import WebDataModule
     from vlt.lit import LitDiT
 
@@ -175,23 +199,20 @@ def stage2(
         num_workers=0,
         allocation=allocation,
     )
-    return [
-        evaluate(
-            model,
-            data,
-            f"{name}-seed{seed}",
-            out,
-            ks=ks,
-            metrics=["gfid"],
-            cfg_scales=[1.5],
-            budgets=budgets,
-            num_images=512,
-            batch_size=128,
-            resolution=32,
-            seed=seed,
-        )
-        for seed in range(seeds)
-    ]
+    return evaluate(
+        model,
+        data,
+        name,
+        out,
+        ks=ks,
+        metrics=["gfid"],
+        cfg_scales=[1.5],
+        budgets=budgets,
+        num_images=512,
+        batch_size=128,
+        resolution=32,
+        seeds=max(seeds, 2),
+    )
 
 
 def fmt(x, spec: str = ".2f") -> str:
@@ -203,26 +224,26 @@ def find(rows: list[dict], mode: str, k: float) -> dict:
 
 
 def metrics(row: dict) -> str:
-    return f"{fmt(row.get('psnr'))} / {fmt(row.get('psnr_mse'))} / {fmt(row.get('rfid_proxy'), '.1f')}"
+    fd = row.get("rfd_vltnet")
+    fd = "-" if fd in (None, "") else f"{float(fd):.3g} ± {float(row.get('rfd_vltnet_ci') or 'nan'):.2g}"
+    return f"{fmt(row.get('psnr'))} / {fmt(row.get('psnr_mse'))} / {fmt(row.get('rfid_proxy'), '.1f')} / {fd}"
 
 
 def stage1_table(rows: dict[str, list[dict]], budgets: list[int]) -> list[str]:
     lines = [
         "## Stage 1: reconstruction at equal mean K and equal mean K^2 (oracle allocation on the val images)",
         "",
-        "PSNR = mean of per-image PSNR; pooled = PSNR of the mean squared error; rFID: proxy extractor.",
+        "PSNR = mean of per-image PSNR; pooled = PSNR of the mean squared error; rFID: proxy extractor; "
+        "rfd_vltnet: Fréchet distance on vltnet features ± 95% bootstrap half-width.",
         "",
-        "| distortion | budget | fixed K=budget: PSNR / pooled / rfid_proxy | adaptive, mean K = budget: "
-        "mean K: PSNR / pooled / rfid_proxy | adaptive, mean K^2 = budget^2: mean K, rms K: PSNR / pooled / "
-        "rfid_proxy |",
+        "| distortion | budget | fixed K=budget: PSNR / pooled / rfid_proxy / rfd_vltnet | adaptive, mean K "
+        "= budget: mean K: PSNR / pooled / rfid_proxy / rfd_vltnet | adaptive, mean K^2 = budget^2: mean K, "
+        "rms K: PSNR / pooled / rfid_proxy / rfd_vltnet |",
         "|---|---:|---|---|---|",
     ]
     for distortion, table in rows.items():
         for b in budgets:
             f, a, a2 = find(table, "fixed", b), find(table, "adaptive", b), find(table, "adaptive-k2", b)
-            metrics = lambda r: (
-                f"{fmt(r.get('psnr'))} / {fmt(r.get('psnr_mse'))} / {fmt(r.get('rfid_proxy'), '.1f')}"
-            )
             lines.append(
                 f"| {distortion} | {b} | {metrics(f)} | {fmt(a.get('tokens'))}: {metrics(a)} | "
                 f"{fmt(a2.get('tokens'))}, {fmt(a2.get('k_rms'))}: {metrics(a2)} |"
@@ -261,34 +282,63 @@ def allocate_table(allocs: list[dict]) -> list[str]:
     return lines
 
 
-def spread(runs: list[list[dict]], mode: str, k: int) -> tuple[str, dict]:
-    """'mean ± std' of gfid_proxy over seeds at (mode, k), and the first seed's row (tokens, FLOPs)."""
-    rows = [find(rows, mode, k) for rows in runs]
-    values = [next(v for c, v in r.items() if c.startswith("gfid")) for r in rows if r]
-    if not values:
-        return "-", {}
-    mean = sum(values) / len(values)
-    std = (sum((v - mean) ** 2 for v in values) / max(len(values) - 1, 1)) ** 0.5
-    return f"{mean:.1f} ± {std:.1f}", rows[0]
+def estimate(runs: list[list[dict]], mode: str, k: int, column: str) -> tuple[float, float] | None:
+    """(mean, half-width) of `column` at (mode, k): one run's noise-seed interval, or over training seeds."""
+    from vlt.metrics.intervals import t_interval
+
+    rows = [r for r in (find(rows, mode, k) for rows in runs) if r.get(column) not in (None, "")]
+    if not rows:
+        return None
+    if len(rows) == 1:
+        return float(rows[0][column]), float(rows[0].get(f"{column}_ci") or "nan")
+    e = t_interval([float(r[column]) for r in rows])
+    return e.mean, e.half
 
 
-def stage2_table(fixed: list[list[dict]], adaptive: list[list[dict]], budgets: list[int]) -> list[str]:
+def show(e: tuple[float, float] | None) -> str:
+    return "-" if e is None else f"{e[0]:.3g} ± {e[1]:.2g}"
+
+
+def difference(a: tuple[float, float] | None, b: tuple[float, float] | None) -> str:
+    """a - b with the half-width sqrt(h_a^2 + h_b^2) (independent estimates), and whether 0 is outside."""
+    if a is None or b is None:
+        return "-"
+    delta, half = a[0] - b[0], (a[1] ** 2 + b[1] ** 2) ** 0.5
+    return f"{delta:+.3g} ± {half:.2g} ({'significant' if abs(delta) > half else 'n.s.'})"
+
+
+def stage2_table(
+    fixed: list[list[dict]], adaptive: list[list[dict]], budgets: list[int], seeds: int
+) -> list[str]:
+    runs = len(fixed)
+    spread = (
+        f"mean ± t interval over {runs} training seeds"
+        if runs > 1
+        else f"mean ± t interval over {seeds} noise seeds"
+    )
     lines = [
-        f"## Stage 2: generation (gfid_proxy, w = 1.5, 512 samples, mean ± std over {len(fixed)} noise "
-        "seeds; GFLOPs per image incl. the decode)",
+        f"## Stage 2: generation (w = 1.5, 512 samples; {spread}, 95%)",
         "",
-        "| budget | fixed-K DiT at K = budget: gfid_proxy (GFLOPs) | adaptive DiT, K_i ~ p(K class) tilted "
-        "to the budget: gfid_proxy (mean K, rms K, GFLOPs) | adaptive DiT at fixed K = budget |",
-        "|---:|---|---|---|",
+        "Fixed-K DiT at K = budget vs the adaptive DiT with K_i ~ p(K | class) tilted to the budget. "
+        "Difference = adaptive - fixed; significant when it exceeds its interval's half-width (for "
+        "distances lower is better, for precision / recall / class accuracy higher).",
+        "",
+        "| budget | score | fixed K | adaptive | adaptive - fixed | adaptive DiT at fixed K |",
+        "|---:|---|---|---|---|---|",
     ]
     for b in budgets:
-        (f, frow), (a, arow), (af, _) = (
-            spread(fixed, "fixed", b), spread(adaptive, "adaptive", b), spread(adaptive, "fixed", b)
-        )  # fmt: skip
+        for column in SCORES:
+            f, a = estimate(fixed, "fixed", b, column), estimate(adaptive, "adaptive", b, column)
+            af = estimate(adaptive, "fixed", b, column)
+            lines.append(f"| {b} | {column} | {show(f)} | {show(a)} | {difference(a, f)} | {show(af)} |")
+    lines.append("")
+    lines.append("| budget | fixed: GFLOPs/img | adaptive: mean K, rms K, GFLOPs/img |")
+    lines.append("|---:|---|---|")
+    for b in budgets:
+        frow, arow = find(fixed[0], "fixed", b), find(adaptive[0], "adaptive", b)
         gflops = lambda row: fmt(float(row["flops"]) / 1e9 if row else None)
         lines.append(
-            f"| {b} | {f} ({gflops(frow)}) | {a} ({fmt(arow.get('tokens'))}, {fmt(arow.get('k_rms'))}, "
-            f"{gflops(arow)}) | {af} |"
+            f"| {b} | {gflops(frow)} | {fmt(arow.get('tokens'))}, {fmt(arow.get('k_rms'))}, {gflops(arow)} |"
         )
     return lines
 
@@ -306,7 +356,13 @@ def main() -> None:
     parser.add_argument(
         "--distortion", default="mse", choices=["mse", "neg_psnr"], help="what the DiT's allocation minimises"
     )
-    parser.add_argument("--seeds", type=int, default=3, help="noise seeds of the stage-2 evaluations")
+    parser.add_argument("--seeds", type=int, default=3, help="noise seeds of the stage-2 evaluations (>= 2)")
+    parser.add_argument(
+        "--train_seeds", type=int, default=1, help="training seeds of both DiTs (seed 0: the given --dit)"
+    )
+    parser.add_argument(
+        "--fixed_latents", default="data/latents/tokenizer-tiny", help="the fixed DiT's cache"
+    )
     parser.add_argument("--fresh", action="store_true", help="redo every step")
     args = parser.parse_args()
     for path in (args.tokenizer, args.dit):
@@ -315,6 +371,8 @@ def main() -> None:
     start = time.time()
     out, latents, runs_dir = ROOT / args.out, ROOT / args.latents, ROOT / args.runs_dir
     out.mkdir(parents=True, exist_ok=True)
+    if not (ROOT / FEATURES / "LATEST").is_file():
+        run(["features", "--out", FEATURES])
     cache(args.tokenizer, latents, args.fresh)
     from vlt.data.cache import LatentCache
 
@@ -328,23 +386,39 @@ def main() -> None:
     else:
         allocs = allocations(latents, budgets, args.distortion)
         done.write_text(json.dumps(allocs, indent=1))
-    adaptive_ckpt = train_adaptive_dit(latents, args.tokenizer, runs_dir, args.fresh)
+    fixed_ckpts, adaptive_ckpts = [ROOT / args.dit], []
+    for seed in range(args.train_seeds):
+        tag = f"-seed{seed}" if seed else ""
+        train = functools.partial(
+            train_dit, tokenizer=args.tokenizer, runs_dir=runs_dir, fresh=args.fresh, seed=seed
+        )
+        adaptive_ckpts.append(train("conf/dit/tiny-adaptive.yaml", f"dit-tiny-adaptive{tag}", latents))
+        if seed:
+            fixed_ckpts.append(train("conf/dit/tiny.yaml", f"dit-tiny{tag}", ROOT / args.fixed_latents))
     rows1 = {d: stage1(args.tokenizer, budgets, grid, out, args.num_images, d) for d in ("neg_psnr", "mse")}
-    fixed_dit = stage2(ROOT / args.dit, latents, None, "stage2-fixed", out, grid, args.seeds)
-    adaptive_dit = stage2(adaptive_ckpt, latents, budgets, "stage2-adaptive", out, grid, args.seeds)
+    fixed_dit = [
+        stage2(c, latents, None, f"stage2-fixed-train{i}", out, grid, args.seeds)
+        for i, c in enumerate(fixed_ckpts)
+    ]
+    adaptive_dit = [
+        stage2(c, latents, budgets, f"stage2-adaptive-train{i}", out, grid, args.seeds)
+        for i, c in enumerate(adaptive_ckpts)
+    ]
     lines = ["# Content-adaptive vs fixed K (tiny presets, embedded synthetic val)", ""]
     lines += [*stage1_table(rows1, budgets), "", *allocate_table(allocs), ""]
-    lines += stage2_table(fixed_dit, adaptive_dit, budgets)
+    lines += stage2_table(fixed_dit, adaptive_dit, budgets, args.seeds)
     table = "\n".join(lines) + "\n"
     (out / "results.md").write_text(table)
     run(["curves", str(out / "stage1-mse"), "--out", str(out / "stage1_psnr.png"), "--metric", "psnr_mse"])
     run(
         [
             "curves",
-            str(out / "stage2-fixed-seed0"),
-            str(out / "stage2-adaptive-seed0"),
+            str(out / "stage2-fixed-train0"),
+            str(out / "stage2-adaptive-train0"),
             "--out",
-            str(out / "stage2_gfid.png"),
+            str(out / "stage2_gfd_vltnet.png"),
+            "--metric",
+            "gfd_vltnet",
         ]
     )
     print(table)

@@ -97,7 +97,7 @@ TINY_DIT = [
 
 
 @pytest.fixture(scope="session")
-def tiny_dit(tmp_path_factory, tiny_latents, tiny_tokenizer):
+def tiny_dit(tmp_path_factory, tiny_latents, tiny_tokenizer, tiny_vltnet, tiny_shards):
     runs = tiny_tokenizer.parents[2]  # shares the tokenizer run's cached real FID statistics
     vlt(
         [
@@ -109,6 +109,29 @@ def tiny_dit(tmp_path_factory, tiny_latents, tiny_tokenizer):
             f"--latents={tiny_latents}",
             f"--model.init_args.tokenizer={tiny_tokenizer}",
             *TINY_DIT,
+            *budget_overrides(tiny_vltnet, tiny_shards["val"]),
         ]
     )
     return runs / "dit" / "checkpoints" / "last.ckpt"
+
+
+# A vltnet small enough to train in seconds: the real recipe and code, tiny sizes.
+TINY_VLTNET = {"widths": (4, 8, 8, 8), "dim": 4, "steps": 4, "batch_size": 8}
+TINY_VLTNET |= {"n_synthetic_pool": 24, "n_photo_pool": 8}
+
+
+@pytest.fixture(scope="session")
+def tiny_vltnet(tmp_path_factory) -> Path:
+    """A saved vltnet file (`vlt.metrics.features`) from a few steps on a tiny pool."""
+    from vlt.metrics.features import VltNetConfig, save_vltnet, train_vltnet
+
+    net = train_vltnet(VltNetConfig(**TINY_VLTNET), log_every=0)
+    return save_vltnet(net, tmp_path_factory.mktemp("features"))
+
+
+def budget_overrides(vltnet: Path, real_shards: str) -> list[str]:
+    """Point the tiny configs' budget callback (the last callback) at a tiny vltnet and test shards."""
+    return [
+        f"--trainer.callbacks.init_args.feature_net={vltnet}",
+        f"--trainer.callbacks.init_args.real_shards={real_shards}",
+    ]

@@ -7,7 +7,7 @@ from lightning.pytorch.loggers import CSVLogger
 from PIL import Image
 
 from tests.test_token_budget import fit
-from vlt.callbacks.curves import curves, write_curve
+from vlt.callbacks.curves import curves, metric_columns, plot_curves, write_curve
 from vlt.cli import main
 
 
@@ -61,3 +61,18 @@ def test_adaptive_rows_are_their_own_lines(tmp_path):
     table = curves([str(tmp_path / "run")], out=str(tmp_path / "c.png"), metric="psnr")
     assert "| run | 4 | 4 | " in table and "| run (adaptive) | 4 | 3.5 | " in table
     assert "| run (adaptive) | 8 | 7.5 | 8e-09 | 38 |" in table
+
+
+def test_intervals_become_error_bars_and_plus_minus_cells(tmp_path):
+    rows = [
+        {"step": 1, "epoch": 0, "k": k, "tokens": k, "flops": k, "gfd_vltnet": 2.0 / k, "gfd_vltnet_ci": 0.05}
+        for k in (4, 8)
+    ]
+    rows[1]["gkid_subset_std_vltnet"] = 0.1
+    write_curve(tmp_path / "run", rows, {"step": 1})
+    assert metric_columns(rows) == ["gfd_vltnet"]  # intervals and subset std are not panels
+    table = curves([str(tmp_path / "run")], out=str(tmp_path / "c.png"))  # default: the vltnet distance
+    assert "| run | 4 | 4 | 4e-09 | 0.5 ± 0.05 |" in table
+    figure = plot_curves({"run": rows}, ["gfd_vltnet"], x="tokens")
+    bars = [c for c in figure.axes[0].containers if type(c).__name__ == "ErrorbarContainer"]
+    assert bars and bars[0].has_yerr

@@ -10,7 +10,7 @@ import pytest
 import torch
 import webdataset as wds
 
-from tests.conftest import ROOT, TINY_DIT
+from tests.conftest import ROOT, TINY_DIT, budget_overrides
 from vlt import load as vlt_load
 from vlt.adaptive.allocation import k_histogram
 from vlt.cli import main as vlt
@@ -140,7 +140,7 @@ def cache_with_allocation(latents: Path, out: Path) -> dict[str, dict[str, int]]
 
 @pytest.mark.slow
 def test_adaptive_fit_trains_at_the_batch_k_and_samples_at_a_budget(
-    tiny_latents, tiny_tokenizer, tmp_path, capsys
+    tiny_latents, tiny_tokenizer, tiny_vltnet, tiny_shards, tmp_path, capsys
 ):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -158,6 +158,7 @@ def test_adaptive_fit_trains_at_the_batch_k_and_samples_at_a_budget(
             f"--latents={cache}",
             f"--model.init_args.tokenizer={tiny_tokenizer}",
             *TINY_DIT,
+            *budget_overrides(tiny_vltnet, tiny_shards["val"]),
         ]
     )
     run = runs / "dit-adaptive"

@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from tests.conftest import ROOT
+from tests.conftest import ROOT, budget_overrides
 from vlt import load as vlt_load
 from vlt.cli import main as vlt
 from vlt.lit import LitJoint
@@ -181,7 +181,7 @@ TINY_JOINT = [
 
 
 @pytest.mark.slow
-def test_fit_resume_export_and_sample(tmp_path, tiny_shards, tiny_tokenizer, tiny_dit):
+def test_fit_resume_export_and_sample(tmp_path, tiny_shards, tiny_tokenizer, tiny_dit, tiny_vltnet):
     # Copies of the init checkpoints, deleted before reloading: a joint checkpoint needs neither.
     tok_init, dit_init = tmp_path / "tok.ckpt", tmp_path / "dit.ckpt"
     shutil.copy(tiny_tokenizer, tok_init)
@@ -191,12 +191,13 @@ def test_fit_resume_export_and_sample(tmp_path, tiny_shards, tiny_tokenizer, tin
         "fit", "-c", str(ROOT / "conf/joint/tiny.yaml"), f"--runs_dir={runs}", "--name=joint",
         f"--model.init_args.init_from_tokenizer={tok_init}", f"--model.init_args.init_from_dit={dit_init}",
         f"--data.init_args.train={tiny_shards['train']}", f"--data.init_args.val={tiny_shards['val']}",
-        *TINY_JOINT,
+        *TINY_JOINT, *budget_overrides(tiny_vltnet, tiny_shards["val"]),
     ]  # fmt: skip
     vlt(args)
     run = runs / "joint"
     curve = (run / "curves" / "budget.csv").read_text().splitlines()
     assert "gfid_proxy" in curve[0] and "rfid_proxy" in curve[0] and "psnr" in curve[0]
+    assert "gfd_vltnet_ci" in curve[0] and "rclass_acc_vltnet" in curve[0]
     assert {row.split(",")[0] for row in curve[1:]} >= {"0", "4"}  # before (at_fit_start) and after
     vlt([*args, "--trainer.max_steps=6", "--ckpt_path=last"])  # resume
     last = run / "checkpoints" / "last.ckpt"

@@ -287,3 +287,44 @@ def test_budgets_outside_the_evaluated_ks_are_refused():
         TokenBudgetCallback(ks=[4, 16], budgets=[32])
     with pytest.raises(ValueError, match=r"distortion='ssim' is not supported"):
         TokenBudgetCallback(ks=[4, 16], budgets=[8], budget_distortion="ssim")
+
+
+def test_vltnet_scores_with_intervals_and_cached_real_features(tmp_path, tiny_vltnet):
+    options = {"metrics": ["rfid", "gfid"], "every_n_steps": None, "feature_net": str(tiny_vltnet)}
+    options |= {"feature_scores": ["fd", "kid", "precision", "recall", "class_acc"], "replicates": 20}
+    fit(tmp_path, TensorBoardLogger(tmp_path, name="v", version=""), **options)
+    rows = json.loads((tmp_path / "v" / "curves" / "budget_latest.json").read_text())["rows"]
+    for prefix in ("r", "g"):
+        for name in ("fd", "kid", "precision", "recall", "class_acc"):
+            column = f"{prefix}{name}_vltnet"
+            # The untrained tiny net's classifier may miss every label: a zero-width class_acc interval.
+            assert np.isfinite(rows[0][column]) and rows[0][f"{column}_ci"] > (-1 if "class" in name else 0)
+    assert rows[0]["gfid_proxy_ci"] > 0 and "gkid_subset_std_vltnet" in rows[0]
+    assert not [c for c in rows[0] if "fid" in c and "vltnet" in c]  # never "FID" on vltnet features
+    cached = list((tmp_path / "fid_cache").glob("*vltnet-*.features.npz"))
+    assert len(cached) == 1 and np.load(cached[0])["features"].shape == (16, 4)
+    events = EventAccumulator(str(tmp_path / "v"), size_guidance={"scalars": 0})
+    events.Reload()
+    assert {"budget/gfd_vltnet@k4", "budget/gfd_vltnet_ci@k4", "budget/rkid_vltnet_ci@k16"} <= set(
+        events.Tags()["scalars"]
+    )
+
+
+def test_noise_seeds_give_a_t_interval(tmp_path, tiny_vltnet):
+    options = {"metrics": ["gfid"], "every_n_steps": None, "feature_net": str(tiny_vltnet), "replicates": 0}
+    fit(tmp_path, TensorBoardLogger(tmp_path, name="one", version=""), seeds=1, **options)
+    fit(tmp_path, TensorBoardLogger(tmp_path, name="three", version=""), seeds=3, **options)
+    single = json.loads((tmp_path / "one" / "curves" / "budget_latest.json").read_text())["rows"][0]
+    seeded = json.loads((tmp_path / "three" / "curves" / "budget_latest.json").read_text())["rows"][0]
+    assert "gfd_vltnet_ci" not in single  # no bootstrap, one seed: no interval to give
+    assert seeded["gfd_vltnet_ci"] > 0 and seeded["gfd_vltnet"] != single["gfd_vltnet"]
+
+
+def test_real_shards_are_the_real_side(tmp_path, tiny_shards, tiny_vltnet):
+    options = {"metrics": ["rfid"], "every_n_steps": None, "feature_net": str(tiny_vltnet), "replicates": 5}
+    fit(
+        tmp_path, TensorBoardLogger(tmp_path, name="s", version=""), real_shards=tiny_shards["val"], **options
+    )
+    cached = list((tmp_path / "fid_cache").glob("*.features.npz"))
+    labels = np.load(cached[0])["labels"]
+    assert len(labels) == 16 and labels.max() > 3  # hue classes of the synthetic shards, not Shapes' 0..3

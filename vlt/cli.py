@@ -35,6 +35,7 @@ TOOLS: dict[str, str] = {
     "export": "vlt.tools.export:export_checkpoint",
     "curves": "vlt.callbacks.curves:curves",
     "allocate": "vlt.adaptive.command:allocate",
+    "features": "vlt.metrics.features:features",
 }
 # Model init args that name a checkpoint file, and the stage that file must be.
 CHECKPOINT_ARGS: dict[str, str] = {

@@ -27,7 +27,10 @@ import torch.distributed as dist
 from torch import Tensor
 
 from vlt.adaptive.allocation import COSTS, allocate, to_distortion
+from vlt.callbacks.budget_data import gather_rows
+from vlt.callbacks.budget_scores import columns, scalar_name
 from vlt.metrics.fid import metric_name
+from vlt.metrics.intervals import combine
 
 
 def psnr_of_mean_mse(psnr: Tensor) -> float:
@@ -40,23 +43,6 @@ def mode_name(cost: str) -> str:
     return "adaptive" if cost == "k" else f"adaptive-{cost}"
 
 
-def gather_rows(x: Tensor) -> tuple[Tensor, int]:
-    """Concatenate (B, G) tensors of every rank (B may differ): (T, G) and this rank's first row."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return x, 0
-    backend_device = x.device if dist.get_backend() == "nccl" else torch.device("cpu")
-    local = x.to(backend_device)
-    sizes = [torch.zeros(1, dtype=torch.long, device=backend_device) for _ in range(dist.get_world_size())]
-    dist.all_gather(sizes, torch.tensor([len(local)], device=backend_device))
-    counts = [int(s) for s in sizes]
-    padded = torch.zeros(max(counts), *local.shape[1:], dtype=local.dtype, device=backend_device)
-    padded[: len(local)] = local
-    parts = [torch.zeros_like(padded) for _ in counts]
-    dist.all_gather(parts, padded)
-    offset = sum(counts[: dist.get_rank()])
-    return torch.cat([p[:c] for p, c in zip(parts, counts)]).to(x.device), offset
-
-
 def check_budgets(budgets: list[float], costs: list[str], ks: list[int]) -> None:
     for cost in costs:
         if cost not in COSTS:
@@ -67,7 +53,7 @@ def check_budgets(budgets: list[float], costs: list[str], ks: list[int]) -> None
 
 
 def reconstruction_rows(
-    callback: Any, trainer, pl_module, fid, images: list[Tensor], psnr_local: Tensor, base: dict
+    callback: Any, trainer, pl_module, scorer, images: list[Tensor], psnr_local: Tensor, base: dict
 ) -> tuple[list[dict], dict[str, float]]:
     """Adaptive rows, one per budget and cost, from per-image PSNR curves psnr_local (B, G) over ks."""
     grid = callback.ks
@@ -90,18 +76,16 @@ def reconstruction_rows(
                 values["psnr"], values["psnr_mse"] = float(chosen.mean()), psnr_of_mean_mse(chosen)
             if "rfid" in callback.metrics:
                 mine = ks_all[offset : offset + len(psnr_local)]
-                values[metric_name("rfid", callback.extractor)] = _rfid_at(
-                    trainer, pl_module, fid, images, mine
-                )
+                values.update(_scores_at(trainer, pl_module, scorer, images, mine))
             row.update(values)
             rows.append(row)
             scalars.update(_scalars(row, values))
     return rows, scalars
 
 
-def _rfid_at(trainer, pl_module, fid, images: list[Tensor], ks: Tensor) -> float:
-    """rFID with image i reconstructed at ks[i] (images grouped by K within each batch)."""
-    fid.reset()
+def _scores_at(trainer, pl_module, scorer, images: list[Tensor], ks: Tensor) -> dict[str, float]:
+    """Reconstruction scores (rfid, r*_vltnet) with image i at ks[i] (grouped by K within each batch)."""
+    scorer.start()
     start = 0
     for x in images:
         x = x.to(pl_module.device)  # (B, 3, H, W)
@@ -112,37 +96,32 @@ def _rfid_at(trainer, pl_module, fid, images: list[Tensor], ks: Tensor) -> float
             sel = (mine == k).nonzero().squeeze(1).to(x.device)
             with trainer.precision_plugin.forward_context():
                 out[sel] = pl_module.budget_reconstruct(x[sel], int(k)).float()
-        fid.update(out.clamp(-1, 1), real=False)
-    return float(fid.compute())
+        scorer.add(out.clamp(-1, 1))
+    return columns(scorer.finish("r"))
 
 
 def generation_rows(
-    callback: Any, trainer, pl_module, fid, labels: list[Tensor], base: dict, rank: int
+    callback: Any, trainer, pl_module, scorer, labels: list[Tensor], base: dict, rank: int
 ) -> tuple[list[dict], dict[str, float]]:
-    """Adaptive gFID rows: per-image K from the module's p(K | class) tilted to each budget."""
+    """Adaptive generation rows: per-image K from the module's p(K | class) tilted to each budget."""
     rows, scalars = [], {}
     for budget in callback.budgets:
         row = {**base, "k": budget, "mode": "adaptive", "budget": budget}
         values, used = {}, []
         for scale in callback.cfg_scales:
-            column = metric_name("gfid", callback.extractor)
-            column += f"_w{scale:g}" if len(callback.cfg_scales) > 1 else ""
-            generator = torch.Generator(pl_module.device).manual_seed(callback.seed + 1000 * rank)
-            fid.reset()
-            flops, ks_seen = 0.0, []
-            for y in labels:
-                with trainer.precision_plugin.forward_context():
-                    images, ks = pl_module.budget_generate_adaptive(
-                        y.to(pl_module.device), budget, scale, generator
-                    )
-                fid.update(images.float().clamp(-1, 1), real=False)
-                ks_seen.append(ks.cpu())
-                flops += sum(float(pl_module.budget_flops(int(k), "generate", scale)) for k in ks.tolist())
-            ks_cat = torch.cat(ks_seen).double()
-            values[column] = float(fid.compute())
-            row[f"flops_{column}"] = flops / max(len(ks_cat), 1)
+            suffix = f"_w{scale:g}" if len(callback.cfg_scales) > 1 else ""
+            per_seed, flops = [], 0.0
+            for seed in range(callback.seeds):
+                ks_cat, flops = _generate_at(
+                    callback, trainer, pl_module, scorer, labels, (budget, scale), seed
+                )
+                per_seed.append(scorer.finish("g"))
+                if seed == 0:
+                    used.append(ks_cat)
+            values.update(columns(combine(per_seed, callback.confidence), suffix))
+            column = metric_name("gfid", callback.extractor) + suffix
+            row[f"flops_{column}"] = flops
             row.setdefault("flops", row[f"flops_{column}"])
-            used.append(ks_cat)
         ks_used = used[0]
         totals = gather_rows(
             torch.stack([ks_used.sum(), ks_used.pow(2).sum(), torch.tensor(float(len(ks_used)))])[None]
@@ -156,10 +135,26 @@ def generation_rows(
     return rows, scalars
 
 
+def _generate_at(callback, trainer, pl_module, scorer, labels, at: tuple[float, float], seed: int):
+    """Feed one seed's adaptive samples at (budget, scale) to `scorer`: (K per image, FLOPs per image)."""
+    budget, scale = at
+    rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+    generator = torch.Generator(pl_module.device).manual_seed(callback.seed + seed + 1000 * rank)
+    scorer.start()
+    flops, ks_seen = 0.0, []
+    for y in labels:
+        with trainer.precision_plugin.forward_context():
+            images, ks = pl_module.budget_generate_adaptive(y.to(pl_module.device), budget, scale, generator)
+        scorer.add(images.float().clamp(-1, 1), y)
+        ks_seen.append(ks.cpu())
+        flops += sum(float(pl_module.budget_flops(int(k), "generate", scale)) for k in ks.tolist())
+    ks_cat = torch.cat(ks_seen).double()
+    return ks_cat, flops / max(len(ks_cat), 1)
+
+
 def _scalars(row: dict, values: dict[str, float]) -> dict[str, float]:
     tag = f"{row['mode']}_b{row['budget']:g}"
     out = {f"budget/tokens@{tag}": row["tokens"], f"budget/tflops@{tag}": row["flops"] / 1e12}
     for column, value in values.items():
-        base, _, scale = column.partition("_w")
-        out[f"budget/{base}@{tag}" + (f"_w{scale}" if scale else "")] = value
+        out[scalar_name(column, tag)] = value
     return out

@@ -14,7 +14,9 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 import lightning.pytorch as pl
+import numpy as np
 import torch
+import torch.distributed as dist
 from torch import Tensor
 
 from vlt.types import ImageBatch, LatentBatch
@@ -82,3 +84,46 @@ def collect_images(trainer: pl.Trainer, n: int, batch_size: int) -> tuple[list[T
     cat_images = list(torch.cat(images).split(batch_size)) if images else []
     cat_labels = list(torch.cat(labels).long().split(batch_size)) if labels else []
     return cat_images, cat_labels
+
+
+def read_shard_images(pattern: str, n: int, size: int, batch_size: int) -> tuple[list[Tensor], list[Tensor]]:
+    """The first `n` images (in [-1, 1]) and labels of image shards, in shard order, re-cut into batches.
+
+    For real statistics of a run whose val loader holds no images (stage-2 latents).
+    """
+    from vlt.data.shards import resolve_shards
+    from vlt.data.tario import tar_samples
+    from vlt.data.transforms import image_array, to_unit_range
+
+    arrays, labels = [], []
+    for sample in tar_samples({"url": url} for url in resolve_shards(pattern)):
+        ext = next((e for e in ("png", "jpg", "jpeg", "webp") if e in sample), None)
+        if ext is None:
+            continue
+        arrays.append(image_array(sample[ext], size))
+        labels.append(int(sample["cls"].decode().strip()) if "cls" in sample else -1)
+        if len(arrays) >= n:
+            break
+    if len(arrays) < n:
+        warnings.warn(f"TokenBudgetCallback: {pattern} gave {len(arrays)} of {n} real images", stacklevel=2)
+    if not arrays:
+        return [], []
+    images = to_unit_range(np.stack(arrays))  # (N, 3, H, W)
+    return list(images.split(batch_size)), list(torch.tensor(labels).long().split(batch_size))
+
+
+def gather_rows(x: Tensor) -> tuple[Tensor, int]:
+    """Concatenate (B, G) tensors of every rank (B may differ): (T, G) and this rank's first row."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return x, 0
+    backend_device = x.device if dist.get_backend() == "nccl" else torch.device("cpu")
+    local = x.to(backend_device)
+    sizes = [torch.zeros(1, dtype=torch.long, device=backend_device) for _ in range(dist.get_world_size())]
+    dist.all_gather(sizes, torch.tensor([len(local)], device=backend_device))
+    counts = [int(s) for s in sizes]
+    padded = torch.zeros(max(counts), *local.shape[1:], dtype=local.dtype, device=backend_device)
+    padded[: len(local)] = local
+    parts = [torch.zeros_like(padded) for _ in counts]
+    dist.all_gather(parts, padded)
+    offset = sum(counts[: dist.get_rank()])
+    return torch.cat([p[:c] for p, c in zip(parts, counts)]).to(x.device), offset

@@ -1,8 +1,9 @@
 """Token-budget curves on disk (CSV + JSON beside a run), their figures, and `vlt curves`.
 
 A curve is a list of rows, one per K: step, epoch, k, tokens (per image), flops (per image) and one
-column per metric (psnr, rfid_proxy, gfid_proxy_w1.5, ...). A generation metric column `c` may carry
-its own FLOPs in `flops_c` (sampling costs differ from reconstruction and between guidance scales).
+column per metric (psnr, rfid_proxy, gfid_proxy_w1.5, gfd_vltnet, ...). A metric column `c` may carry
+the half-width of its interval in `c_ci` (drawn as error bars, printed as `mean ± half-width`) and a
+generation column its own FLOPs in `flops_c` (sampling costs differ between guidance scales).
 Rows carry a `mode`: "fixed" (one K for every image), or "adaptive" / "adaptive-k2" (per-image K at a
 mean budget `k`, see `vlt.callbacks.adaptive_budget`); each mode is drawn as its own line.
 
@@ -27,13 +28,28 @@ Row = Mapping[str, Any]
 
 
 def metric_columns(rows: Sequence[Row]) -> list[str]:
-    """Metric columns in first-seen order (everything but the base columns and FLOPs columns)."""
+    """Metric columns in first-seen order (not the base, FLOPs, interval or subset-std columns)."""
     seen: dict[str, None] = {}
     for row in rows:
         for key in row:
-            if key not in BASE_COLUMNS and not key.startswith("flops"):
+            if key not in BASE_COLUMNS and not key.startswith("flops") and not key.endswith("_ci"):
                 seen[key] = None
-    return list(seen)
+    return [key for key in seen if "subset_std" not in key]
+
+
+def interval(row: Row, column: str) -> float | None:
+    """The half-width of `column`'s interval in `row`, or None."""
+    value = row.get(f"{column}_ci")
+    return None if value in (None, "") or value != value else float(value)
+
+
+def cell(row: Row, column: str, spec: str = ".4g") -> str:
+    """`mean ± half-width` (or the mean alone) of `column` in `row`; empty when absent."""
+    if row.get(column) in (None, ""):
+        return ""
+    half = interval(row, column)
+    mean = format(float(row[column]), spec)
+    return mean if half is None else f"{mean} ± {format(half, '.2g')}"
 
 
 def by_mode(rows: Sequence[Row], label: str) -> dict[str, list[Row]]:
@@ -49,7 +65,11 @@ def x_value(row: Row, column: str, x: Literal["tokens", "flops"]) -> float:
     """The x coordinate of `column` in `row`: tokens, or the FLOPs that produced that metric."""
     if x == "tokens":
         return float(row["tokens"])
-    return float(row.get(f"flops_{column}", row["flops"]))
+    if f"flops_{column}" in row:
+        return float(row[f"flops_{column}"])
+    _, _, scale = column.removesuffix("_ci").partition("_w")  # another score at the same guidance scale
+    same = [v for key, v in row.items() if key.startswith("flops_") and scale and key.endswith(f"_w{scale}")]
+    return float(same[0] if same else row["flops"])
 
 
 def write_curve(directory: str | Path, rows: Sequence[Row], meta: Mapping[str, Any]) -> Path:
@@ -102,11 +122,14 @@ def draw_curves(ax, curves: Mapping[str, Sequence[Row]], column: str, x: Literal
         raise ValueError(f"unknown x axis {x!r}; expected one of ('tokens', 'flops')")
     for label, rows in curves.items():
         points = sorted(
-            (x_value(row, column, x), float(row[column])) for row in rows if row.get(column) not in (None, "")
+            (x_value(row, column, x), float(row[column]), interval(row, column) or 0.0)
+            for row in rows
+            if row.get(column) not in (None, "")
         )
         if points:
-            xs, ys = zip(*points)
-            ax.plot(xs, ys, marker="o", label=label)
+            xs, ys, halves = zip(*points)
+            bars = halves if any(halves) else None
+            ax.errorbar(xs, ys, yerr=bars, marker="o", capsize=3, label=label)
     ax.set_xscale("log", base=2 if x == "tokens" else 10)
     ax.set_xlabel("tokens per image" if x == "tokens" else "FLOPs per image")
     ax.set_ylabel(column)
@@ -130,7 +153,7 @@ def markdown_table(curves: Mapping[str, Sequence[Row]], columns: Sequence[str]) 
     lines.append("|---|---:|---:|---:|" + "---:|" * len(columns))
     for label, rows in curves.items():
         for row in sorted(rows, key=lambda r: float(r["k"])):
-            values = [f"{float(row[c]):.4g}" if row.get(c) not in (None, "") else "" for c in columns]
+            values = [cell(row, c) for c in columns]
             lines.append(
                 f"| {label} | {float(row['k']):g} | {float(row['tokens']):.4g} | "
                 f"{float(row['flops']) / 1e9:.4g} | " + " | ".join(values) + " |"
@@ -144,8 +167,8 @@ def curves(runs: list[str], out: str = "curves.png", metric: str | None = None) 
     Args:
         runs: run directories (runs/<name>) that a TokenBudgetCallback wrote curves into.
         out: the PNG to write; a markdown table goes beside it (same name, .md).
-        metric: the column to plot (e.g. rfid_proxy, gfid_proxy, psnr); default: the first FID-like
-            column of the first run, else its first metric.
+        metric: the column to plot (e.g. gfd_vltnet, gfid_proxy, psnr); default: the first
+            `*fd_vltnet` column, else the first FID-like one, else the first metric.
 
     Returns:
         The markdown table (also printed).
@@ -159,7 +182,7 @@ def curves(runs: list[str], out: str = "curves.png", metric: str | None = None) 
         loaded.update(by_mode(rows, label if not any(key.startswith(label) for key in loaded) else run))
     available = metric_columns([row for rows in loaded.values() for row in rows])
     if metric is None:
-        fid_like = [c for c in available if "fid" in c]
+        fid_like = [c for c in available if "fd_vltnet" in c] or [c for c in available if "fid" in c]
         metric = (fid_like or available or [None])[0]
     if metric is None or metric not in available:
         raise ValueError(f"metric {metric!r} is not in the curves; available: {available}")

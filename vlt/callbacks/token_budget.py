@@ -29,11 +29,15 @@ from vlt.callbacks.adaptive_budget import (
     generation_rows,
     reconstruction_rows,
 )
-from vlt.callbacks.budget_data import collect_images
+from vlt.callbacks.budget_data import collect_images, gather_rows, read_shard_images
+from vlt.callbacks.budget_scores import SetScorer, columns, scalar_name
 from vlt.callbacks.curves import by_mode, metric_columns, plot_curves, write_curve
+from vlt.metrics.features import load_vltnet
 from vlt.metrics.fid import EXTRACTORS, Extractor, build_fid, metric_name
+from vlt.metrics.intervals import combine
 from vlt.metrics.rate import psnr
-from vlt.metrics.real_stats import RealStats, RealStatsKey
+from vlt.metrics.real_stats import RealFeatures, RealStats, RealStatsKey, reduce_real_stats
+from vlt.metrics.scores import SCORES, FeatureSet
 
 Metric = Literal["psnr", "rfid", "gfid"]
 METRICS: tuple[str, ...] = get_args(Metric)
@@ -112,6 +116,17 @@ class TokenBudgetCallback(pl.Callback):
         budget_distortion: what the reconstruction allocation optimises: "mse" (the set's mean squared
             error; busy images get the tokens) or "neg_psnr" (mean per-image PSNR in dB).
         at_fit_start: also evaluate before the first training step (a "before" curve).
+        feature_net: the project's trained feature net (`vlt features`: a vltnet-<hash>.pt file or
+            its folder, e.g. data/features); adds `<r|g><score>_vltnet` columns beside rfid/gfid.
+        feature_scores: which vltnet scores: fd, kid, precision, recall, class_acc (accuracy of the
+            net's hue classifier on images of each class: synthetic data only). Default: all but
+            class_acc.
+        seeds: generation noise seeds per evaluation; with 2 or more every generation column is the
+            mean over seeds with a Student-t interval, with 1 a bootstrap interval.
+        replicates: bootstrap resamples of the evaluated images (0: no bootstrap interval).
+        confidence: two-sided level of every interval (`<column>_ci` holds its half-width).
+        real_shards: image shards whose first `num_images` images are the real side (e.g. the
+            synthetic val shards), for runs whose val loader gives latents; default: the val images.
     """
 
     def __init__(
@@ -135,6 +150,12 @@ class TokenBudgetCallback(pl.Callback):
         budget_costs: list[str] | None = None,
         budget_distortion: str = "mse",
         at_fit_start: bool = False,
+        feature_net: str | None = None,
+        feature_scores: list[str] | None = None,
+        seeds: int = 1,
+        replicates: int = 200,
+        confidence: float = 0.95,
+        real_shards: str | None = None,
     ) -> None:
         super().__init__()
         metrics = ["psnr", "rfid"] if metrics is None else list(metrics)
@@ -161,7 +182,20 @@ class TokenBudgetCallback(pl.Callback):
         self.extractor, self.weights = extractor, weights
         self.cache = RealStats(cache_dir=cache_dir)
         self.dataset_id, self.resolution, self.seed = dataset_id, resolution, seed
-        self.fid = None  # built on first use, on the module's device; never in a checkpoint
+        scores = ["fd", "kid", "precision", "recall"] if feature_scores is None else list(feature_scores)
+        if set(scores) - set(SCORES) or seeds < 1 or replicates < 0 or not 0 < confidence < 1:
+            raise ValueError(
+                f"feature_scores must be a subset of {SCORES} (got {scores}), seeds >= 1, replicates >= 0 "
+                "and 0 < confidence < 1"
+            )
+        self.feature_net, self.feature_scores = feature_net, scores
+        self.seeds, self.replicates, self.confidence = seeds, replicates, confidence
+        self.real_shards = real_shards
+        self.features_cache = RealFeatures(cache_dir=cache_dir)
+        # Feature nets are built on first use, on the module's device; never in a checkpoint.
+        self.fid = None
+        self.vltnet = None
+        self._references: tuple = (None, None)
         self._real_key: RealStatsKey | None = None
         self._last_step = -1
         self._warned = False
@@ -224,7 +258,9 @@ class TokenBudgetCallback(pl.Callback):
         rank, world = _world()
         device = pl_module.device
         images, labels = collect_images(trainer, self.num_images // world, self.batch_size)
-        fid = self._prepare_fid(images, labels, device) if {"rfid", "gfid"} & set(self.metrics) else None
+        scorer = (
+            self._prepare_scorer(images, labels, device) if {"rfid", "gfid"} & set(self.metrics) else None
+        )
         rows, scalars = [], {}
         base = {"step": trainer.global_step, "epoch": trainer.current_epoch}
         self._curves: dict[int, Tensor] = {}  # K -> this rank's per-image PSNR (B,)
@@ -233,14 +269,15 @@ class TokenBudgetCallback(pl.Callback):
             row["tokens"] = float(pl_module.budget_tokens(k))
             values: dict[str, float] = {}  # column -> value
             if {"psnr", "rfid"} & set(self.metrics):
-                values.update(self._reconstruct(trainer, pl_module, fid, images, k))
+                values.update(self._reconstruct(trainer, pl_module, scorer, images, labels, k))
                 row["flops"] = float(pl_module.budget_flops(k, "reconstruct", 1.0))
             if "gfid" in self.metrics:
                 for scale in self.cfg_scales:
-                    column = metric_name("gfid", self.extractor)
-                    column += f"_w{scale:g}" if len(self.cfg_scales) > 1 else ""
-                    generator = torch.Generator(device).manual_seed(self.seed + 1000 * rank)
-                    values[column] = self._generate(trainer, pl_module, fid, labels, k, scale, generator)
+                    suffix = f"_w{scale:g}" if len(self.cfg_scales) > 1 else ""
+                    values.update(
+                        self._generate(trainer, pl_module, scorer, labels, (k, scale), rank, suffix)
+                    )
+                    column = metric_name("gfid", self.extractor) + suffix
                     row[f"flops_{column}"] = float(pl_module.budget_flops(k, "generate", scale))
                     row.setdefault("flops", row[f"flops_{column}"])
             row.update(values)
@@ -248,45 +285,98 @@ class TokenBudgetCallback(pl.Callback):
             scalars.update(self._scalar_names(row, values))
         if self.budgets and {"psnr", "rfid"} & set(self.metrics):
             curves = torch.stack([self._curves[k] for k in self.ks], dim=1)  # (B, G)
-            extra = reconstruction_rows(self, trainer, pl_module, fid, images, curves, base)
+            extra = reconstruction_rows(self, trainer, pl_module, scorer, images, curves, base)
             rows += extra[0]
             scalars.update(extra[1])
         if self.budgets and "gfid" in self.metrics:
-            extra = generation_rows(self, trainer, pl_module, fid, labels, base, rank)
+            extra = generation_rows(self, trainer, pl_module, scorer, labels, base, rank)
             rows += extra[0]
             scalars.update(extra[1])
         return rows, scalars
 
-    def _prepare_fid(self, images: list[Tensor], labels: list[Tensor], device: torch.device):
+    def _prepare_scorer(self, images: list[Tensor], labels: list[Tensor], device: torch.device) -> SetScorer:
+        """Feature nets on `device` and the real references (cached on disk, reused while the key holds)."""
         if self.fid is None:
             self.fid = build_fid(self.extractor, self.weights)
         self.fid = self.fid.to(device)
+        if self.feature_net is not None and self.vltnet is None:
+            self.vltnet = load_vltnet(self.feature_net)
+        if self.vltnet is not None:
+            self.vltnet = self.vltnet.to(device)
+        real, real_labels = self._real_images(images, labels)
+        key = self._real_stats_key(real, labels, device)
+        if key != self._real_key:
+            self.cache.prepare(self.fid, key, real)
+            mu, sigma, _ = reduce_real_stats(self.fid)
+            vltnet_real = self._real_features(key, real, real_labels, device) if self.vltnet else None
+            self._references = ((torch.as_tensor(mu), torch.as_tensor(sigma)), vltnet_real)
+            self._real_key = key
+        return SetScorer(
+            fid_net=self.fid.inception, fid_real=self._references[0], fid_kind=self.extractor,
+            vltnet=self.vltnet, vltnet_real=self._references[1], scores=self.feature_scores,
+            replicates=self.replicates, confidence=self.confidence, seed=self.seed,
+        )  # fmt: skip
+
+    def _real_images(self, images: list[Tensor], labels: list[Tensor]) -> tuple[list[Tensor], list[Tensor]]:
+        """This rank's share of the real images: the val images, or all of `real_shards` on rank zero."""
+        if not self.real_shards:
+            return images, labels if images else []
+        side = self.resolution or (images[0].shape[-1] if images else None)
+        if side is None:
+            raise ValueError("TokenBudgetCallback(real_shards=...) needs resolution=... for latent val data")
+        if _world()[0] != 0:
+            return [], []
+        return read_shard_images(self.real_shards, self.num_images, side, self.batch_size)
+
+    def _real_stats_key(self, real: list[Tensor], labels: list[Tensor], device: torch.device) -> RealStatsKey:
+        reduce = self._reduce_device(device)
         # A latent loader has labels but no images: its sample count still names the real set size.
-        n_local = sum(len(x) for x in images) if images else sum(len(y) for y in labels)
-        n_total = int(_all_sum([float(n_local)], self._reduce_device(device))[0])
+        n_local = sum(len(x) for x in real) if real or self.real_shards else sum(len(y) for y in labels)
+        n_total = int(_all_sum([float(n_local)], reduce)[0])
         # A rank may hold no images (exactly-once validation split): agree on the side over ranks.
-        side_local = images[0].shape[-1] if images else (self.resolution or 0)
-        side = int(_all_max(float(side_local), self._reduce_device(device))) or None
+        side_local = real[0].shape[-1] if real else (self.resolution or 0)
+        side = int(_all_max(float(side_local), reduce)) or None
         if side is None:
             raise ValueError("the val dataloader gives no images: set TokenBudgetCallback(resolution=...)")
         key = RealStatsKey(self.dataset_id, self.fid.inception.name, int(side), n_total)
-        if key != self._real_key:  # reused across validations while the key holds
-            any_images = _all_max(1.0 if images else 0.0, self._reduce_device(device)) > 0
-            if not any_images and not self.cache.exists(key):
-                raise ValueError(
-                    "no real images in the val dataloader and no cached statistics at "
-                    f"{self.cache.path(key)}: run an image evaluation with the same dataset_id and "
-                    "cache_dir first"
-                )
-            self.cache.prepare(self.fid, key, images)
-            self._real_key = key
-        return self.fid
+        if (
+            key != self._real_key
+            and _all_max(1.0 if real else 0.0, reduce) == 0
+            and not self.cache.exists(key)
+        ):
+            raise ValueError(
+                f"no real images in the val dataloader and no cached statistics at {self.cache.path(key)}: "
+                "set real_shards, or run an image evaluation with the same dataset_id and cache_dir first"
+            )
+        return key
 
-    def _reconstruct(self, trainer, pl_module, fid, images: list[Tensor], k: int) -> dict[str, float]:
-        if fid is not None:
-            fid.reset()  # the real side stays (reset_real_features=False)
+    def _real_features(
+        self, key: RealStatsKey, real: list[Tensor], labels: list[Tensor], device
+    ) -> FeatureSet:
+        """vltnet features and labels of the real images: from the cache, else computed, gathered, saved."""
+        key = RealStatsKey(key.dataset, self.vltnet.name, key.resolution, key.num_images)
+        cached = self.features_cache.load(key)
+        if cached is None:
+            if _all_max(1.0 if real else 0.0, self._reduce_device(device)) == 0:
+                raise ValueError(
+                    f"no real images for vltnet features and no cache at {self.features_cache.path(key)}: "
+                    "set real_shards (the image shards of the val set)"
+                )
+            feats = [self.vltnet(x.to(device)).double().cpu() for x in real]
+            local = (
+                torch.cat(feats) if feats else torch.zeros(0, self.vltnet.num_features, dtype=torch.float64)
+            )
+            local_labels = torch.cat(labels).double()[:, None] if labels else torch.zeros(0, 1)
+            features, all_labels = gather_rows(local)[0], gather_rows(local_labels.double())[0][:, 0]
+            self.features_cache.save(key, features.numpy(), all_labels.long().numpy())
+            cached = (features.numpy(), all_labels.long().numpy())
+        return FeatureSet(torch.as_tensor(cached[0]), labels=torch.as_tensor(cached[1]))
+
+    def _reconstruct(self, trainer, pl_module, scorer, images, labels, k: int) -> dict[str, float]:
+        if scorer is not None:
+            scorer.start()
         total, count, per_image = 0.0, 0, []
-        for x in images:
+        for x, y_label in zip(images, labels):
             x = x.to(pl_module.device)  # (B, 3, H, W)
             with trainer.precision_plugin.forward_context():
                 y = pl_module.budget_reconstruct(x, k)
@@ -294,8 +384,8 @@ class TokenBudgetCallback(pl.Callback):
             per_image.append(psnr(y, x).double().cpu())  # (B,)
             total += float(per_image[-1].sum())
             count += len(x)
-            if fid is not None and "rfid" in self.metrics:
-                fid.update(y, real=False)
+            if scorer is not None and "rfid" in self.metrics:
+                scorer.add(y, y_label)
         self._curves[k] = torch.cat(per_image) if per_image else torch.zeros(0, dtype=torch.float64)
         out = {}
         if "psnr" in self.metrics:
@@ -307,16 +397,22 @@ class TokenBudgetCallback(pl.Callback):
             )
             out["psnr_mse"] = -10 * math.log10(max(err[0] / max(count, 1.0), 1e-10))
         if "rfid" in self.metrics:
-            out[metric_name("rfid", self.extractor)] = float(fid.compute())
+            out.update(columns(scorer.finish("r")))
         return out
 
-    def _generate(self, trainer, pl_module, fid, labels: list[Tensor], k, scale, generator) -> float:
-        fid.reset()
-        for y in labels:
-            with trainer.precision_plugin.forward_context():
-                images = pl_module.budget_generate(y.to(pl_module.device), k, scale, generator)
-            fid.update(images.float().clamp(-1, 1), real=False)
-        return float(fid.compute())
+    def _generate(self, trainer, pl_module, scorer, labels, at: tuple[int, float], rank, suffix) -> dict:
+        """Columns of generation at (K, guidance scale): every score, over `seeds` noise seeds."""
+        k, scale = at
+        per_seed = []
+        for s in range(self.seeds):
+            generator = torch.Generator(pl_module.device).manual_seed(self.seed + s + 1000 * rank)
+            scorer.start()
+            for y in labels:
+                with trainer.precision_plugin.forward_context():
+                    images = pl_module.budget_generate(y.to(pl_module.device), k, scale, generator)
+                scorer.add(images, y)
+            per_seed.append(scorer.finish("g"))
+        return columns(combine(per_seed, self.confidence), suffix)
 
     @staticmethod
     def _reduce_device(device: torch.device) -> torch.device:
@@ -328,17 +424,21 @@ class TokenBudgetCallback(pl.Callback):
         k = row["k"]
         out = {f"budget/tokens@k{k}": row["tokens"], f"budget/tflops@k{k}": row["flops"] / 1e12}
         for column, value in values.items():
-            base, _, scale = column.partition("_w")
-            suffix = f"_w{scale}" if scale else ""
-            out[f"budget/{base}@k{k}{suffix}"] = value
+            out[scalar_name(column, f"k{k}")] = value
             if f"flops_{column}" in row:
-                out[f"budget/gen_tflops@k{k}{suffix}"] = row[f"flops_{column}"] / 1e12
+                _, _, scale = column.partition("_w")
+                out[f"budget/gen_tflops@k{k}" + (f"_w{scale}" if scale else "")] = (
+                    row[f"flops_{column}"] / 1e12
+                )
         return out
 
     # ------------------------------------------------------------ publishing
     def layout(self) -> dict:
         """TensorBoard custom-scalars layout: one multiline chart per series over all K."""
         bases = [m if m == "psnr" else metric_name(m, self.extractor) for m in self.metrics]
+        if self.feature_net is not None:
+            stages = [s for s, m in (("r", "rfid"), ("g", "gfid")) if m in self.metrics]
+            bases += [f"{s}{score}_vltnet" for s in stages for score in self.feature_scores]
         bases += ["tokens", "tflops"] + (["gen_tflops"] if "gfid" in self.metrics else [])
         charts = {base: ["Multiline", [rf"budget/{base}@k\d+.*"]] for base in bases}
         if self.budgets:

@@ -148,3 +148,36 @@ def load_real_stats(fid: FrechetInceptionDistance, mu: np.ndarray, sigma: np.nda
     fid.real_features_sum.copy_(mu_t * n)
     fid.real_features_cov_sum.copy_(cov_sum)
     fid.real_features_num_samples.fill_(n)
+
+
+class RealFeatures:
+    """Disk cache of real-image features (N, F) and labels (N,) for scores beyond FID (KID, PR, ...).
+
+    Same keys and folder as `RealStats` (the extractor name carries the feature net's content hash);
+    files end in `.features.npz`. Each rank computes its share, the caller gathers; rank zero saves.
+    """
+
+    def __init__(self, *, cache_dir: str | Path = "runs/.fid_cache") -> None:
+        self.cache_dir = Path(cache_dir)
+
+    def path(self, key: RealStatsKey) -> Path:
+        return self.cache_dir / key.filename.replace(".npz", ".features.npz")
+
+    def load(self, key: RealStatsKey) -> tuple[np.ndarray, np.ndarray] | None:
+        """(features, labels) or None; every rank reads (the file is small: N x F)."""
+        path = self.path(key)
+        if not path.is_file():
+            return None
+        with np.load(path) as data:
+            return data["features"].astype(np.float64), data["labels"].astype(np.int64)
+
+    def save(self, key: RealStatsKey, features: np.ndarray, labels: np.ndarray) -> Path | None:
+        """Write atomically on rank zero (other ranks return None)."""
+        if _rank() != 0:
+            return None
+        path = self.path(key)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp.npz")
+        np.savez(tmp, features=features, labels=labels)
+        os.replace(tmp, path)
+        return path
