@@ -62,7 +62,7 @@ def loader_rate(spec: str, workers: int, n_images: int, batch_size: int, shuffle
         next(it)
     start, done = time.perf_counter(), 0
     for batch in it:
-        done += batch["image"].shape[0]
+        done += batch.image.shape[0]
     return done / (time.perf_counter() - start)
 
 
