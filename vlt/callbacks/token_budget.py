@@ -89,6 +89,26 @@ def _all_max(value: float, device: torch.device) -> float:
     return float(t.item())
 
 
+def _check_args(metrics: list[str], extractor: str, ks: list[int], num_images: int, batch_size: int) -> None:
+    for name in metrics:
+        if name not in METRICS:
+            raise ValueError(f"unknown metric {name!r}; expected a subset of {METRICS}")
+    if extractor not in EXTRACTORS:
+        raise ValueError(f"unknown extractor {extractor!r}; expected one of {EXTRACTORS}")
+    if not ks or min(ks) < 1:
+        raise ValueError(f"ks must be a non-empty list of positive token counts, got {ks}")
+    if num_images < 2 or batch_size < 1:
+        raise ValueError("num_images must be >= 2 and batch_size >= 1")
+
+
+def _check_scores(scores: list[str], seeds: int, replicates: int, confidence: float) -> None:
+    if set(scores) - set(SCORES) or seeds < 1 or replicates < 0 or not 0 < confidence < 1:
+        raise ValueError(
+            f"feature_scores must be a subset of {SCORES} (got {scores}), seeds >= 1, replicates >= 0 "
+            "and 0 < confidence < 1"
+        )
+
+
 class TokenBudgetCallback(pl.Callback):
     """Evaluate PSNR / rFID / gFID, tokens and FLOPs per image at every K in `ks`.
 
@@ -159,15 +179,7 @@ class TokenBudgetCallback(pl.Callback):
     ) -> None:
         super().__init__()
         metrics = ["psnr", "rfid"] if metrics is None else list(metrics)
-        for name in metrics:
-            if name not in METRICS:
-                raise ValueError(f"unknown metric {name!r}; expected a subset of {METRICS}")
-        if extractor not in EXTRACTORS:
-            raise ValueError(f"unknown extractor {extractor!r}; expected one of {EXTRACTORS}")
-        if not ks or min(ks) < 1:
-            raise ValueError(f"ks must be a non-empty list of positive token counts, got {ks}")
-        if num_images < 2 or batch_size < 1:
-            raise ValueError("num_images must be >= 2 and batch_size >= 1")
+        _check_args(metrics, extractor, ks, num_images, batch_size)
         self.ks = sorted(set(ks))
         self.budgets = sorted(set(budgets or []))
         self.budget_costs = ["k", "k2"] if budget_costs is None else list(budget_costs)
@@ -183,11 +195,7 @@ class TokenBudgetCallback(pl.Callback):
         self.cache = RealStats(cache_dir=cache_dir)
         self.dataset_id, self.resolution, self.seed = dataset_id, resolution, seed
         scores = ["fd", "kid", "precision", "recall"] if feature_scores is None else list(feature_scores)
-        if set(scores) - set(SCORES) or seeds < 1 or replicates < 0 or not 0 < confidence < 1:
-            raise ValueError(
-                f"feature_scores must be a subset of {SCORES} (got {scores}), seeds >= 1, replicates >= 0 "
-                "and 0 < confidence < 1"
-            )
+        _check_scores(scores, seeds, replicates, confidence)
         self.feature_net, self.feature_scores = feature_net, scores
         self.seeds, self.replicates, self.confidence = seeds, replicates, confidence
         self.real_shards = real_shards

@@ -167,14 +167,9 @@ def score(
     if "kid" in metrics:
         k_rr, k_ff, k_rf = poly_kernel(r, r), poly_kernel(g, g), poly_kernel(r, g)
     if {"precision", "recall"} & set(metrics):
-        d = torch.cdist(g, r)  # (M, N)
-        in_real_ball = d <= knn_radii(r, k)[None, :]  # (M, N): generated i inside real j's ball
-        in_fake_ball = knn_radii(g, k)[None, :] >= d.T  # (N, M)
+        in_real_ball, in_fake_ball = _balls(r, g, k)
     if "class_acc" in metrics:
-        if fake.logits is None or fake.labels is None:
-            raise ValueError("class_acc needs logits and labels of the generated samples")
-        correct = (fake.logits.argmax(1) == fake.labels).double()
-        num_classes = fake.logits.shape[1]
+        correct, num_classes = _correct(fake)
 
     def statistic(ri: Tensor, fi: Tensor) -> dict[str, float]:
         out = {}
@@ -204,6 +199,19 @@ def score(
     if "kid" in metrics and subset_std:
         estimates["kid_subset_std"] = Estimate(kid(r, g, seed=seed)[2], 0.0, 1, "subsets")
     return estimates
+
+
+def _balls(r: Tensor, g: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """(M, N): generated i inside real j's k-NN ball; (N, M): real j inside generated i's ball."""
+    d = torch.cdist(g, r)  # (M, N)
+    return d <= knn_radii(r, k)[None, :], knn_radii(g, k)[None, :] >= d.T
+
+
+def _correct(fake: FeatureSet) -> tuple[Tensor, int]:
+    """(M,) 1.0 where the feature net's classifier gives a generated sample its label; class count."""
+    if fake.logits is None or fake.labels is None:
+        raise ValueError("class_acc needs logits and labels of the generated samples")
+    return (fake.logits.argmax(1) == fake.labels).double(), fake.logits.shape[1]
 
 
 def _balanced(correct: Tensor, labels: Tensor, num_classes: int) -> float:
