@@ -22,6 +22,7 @@ STAMP := $(VENV)/.vlt-installed
 
 SYNTHETIC := data/synthetic/shards/info.json
 PHOTOS := data/photos/shards/info.json
+FEATURES := data/features/LATEST
 
 #: NODES   LAUNCH=slurm: nodes of the job
 NODES ?= 1
@@ -79,6 +80,8 @@ $(SYNTHETIC): | $(STAMP)
 	$(BIN)/vlt data synthetic --out data/synthetic/shards
 $(PHOTOS): | $(STAMP)
 	$(BIN)/vlt data photos --out data/photos/shards
+$(FEATURES): | $(STAMP)
+	$(BIN)/vlt features --out data/features
 
 train-tokenizer: $(STAMP) $(SYNTHETIC) $(PHOTOS) ## stage 1: train the tokenizer (CONFIG=conf/tokenizer/tiny.yaml)
 	$(call launch,fit -c $(or $(CONFIG),conf/tokenizer/tiny.yaml))
@@ -92,7 +95,7 @@ $(LATENTS)/done-train-r0.json: $(TOKENIZER) $(SYNTHETIC) | $(STAMP)
 
 cache-latents: $(LATENTS)/done-train-r0.json ## encode the synthetic shards with TOKENIZER into LATENTS (if stale)
 
-train-dit: $(STAMP) $(LATENTS)/done-train-r0.json ## stage 2: train the DiT on cached latents (CONFIG=conf/dit/tiny.yaml)
+train-dit: $(STAMP) $(FEATURES) $(LATENTS)/done-train-r0.json ## stage 2: train the DiT on cached latents (CONFIG=conf/dit/tiny.yaml)
 	$(call launch,fit -c $(or $(CONFIG),conf/dit/tiny.yaml) --latents=$(LATENTS) --model.init_args.tokenizer=$(TOKENIZER))
 
 sample: $(STAMP) ## sample grids + npz at every K from DIT (ARGS="--budget 8": per-image K at a mean budget)
@@ -113,18 +116,18 @@ $(ADAPTIVE)/done-train-r0.json: $(TOKENIZER) $(SYNTHETIC) | $(STAMP)
 allocate: $(ADAPTIVE)/done-train-r0.json ## per-image K_i at mean budget BUDGET over ADAPTIVE (vlt allocate; ARGS for rule/cost)
 	$(BIN)/vlt allocate --cache $(ADAPTIVE) --budget $(BUDGET) --distortion $(DISTORTION) $(ARGS)
 
-train-dit-adaptive: $(STAMP) $(ADAPTIVE)/done-train-r0.json ## stage 2, adaptive: K-conditioned DiT on K-bucketed batches
+train-dit-adaptive: $(STAMP) $(FEATURES) $(ADAPTIVE)/done-train-r0.json ## stage 2, adaptive: K-conditioned DiT on K-bucketed batches
 	test -f $(ADAPTIVE)/allocation.json || $(BIN)/vlt allocate --cache $(ADAPTIVE) --budget $(BUDGET) --distortion $(DISTORTION)
 	$(call launch,fit -c $(or $(CONFIG),conf/dit/tiny-adaptive.yaml) --latents=$(ADAPTIVE) --model.init_args.tokenizer=$(TOKENIZER))
 
-experiment-adaptive: $(STAMP) $(TOKENIZER) $(DIT) ## adaptive vs fixed K, stages 1+2, tables + figures (CPU, ~30 min)
+experiment-adaptive: $(STAMP) $(FEATURES) $(TOKENIZER) $(DIT) ## adaptive vs fixed K, stages 1+2, tables + figures (CPU, ~30 min)
 	$(BIN)/python scripts/experiment_adaptive.py --tokenizer $(TOKENIZER) --dit $(DIT) --latents $(ADAPTIVE) \
 		--distortion $(DISTORTION) $(ARGS)
 
 experiment-paper: $(STAMP) $(SYNTHETIC) ## Table 1/3/4 analogues: LGM vs nested dropout, stages 1+2, ablations (CPU)
 	$(BIN)/python scripts/experiment_paper.py --reuse lgm=$(TOKENIZER) $(ARGS)
 
-finetune: $(STAMP) $(TOKENIZER) $(DIT) ## stage 3: joint fine-tune of TOKENIZER + DIT (CONFIG=conf/joint/tiny.yaml)
+finetune: $(STAMP) $(FEATURES) $(TOKENIZER) $(DIT) ## stage 3: joint fine-tune of TOKENIZER + DIT (CONFIG=conf/joint/tiny.yaml)
 	$(call launch,fit -c $(or $(CONFIG),conf/joint/tiny.yaml) --model.init_args.init_from_tokenizer=$(TOKENIZER) --model.init_args.init_from_dit=$(DIT))
 
 # The slurm tier: a one-node Slurm started here, the tests, and the cluster stopped whatever they did.
