@@ -166,14 +166,8 @@ class LitDiT(L.LightningModule):
             gen.latent_mean.copy_(cache.stats("train")[0])
             gen.latent_std.copy_(cache.stats("train")[1])
         if hp.tokenizer and gen.tokenizer is not None:
-            tok = load(hp.tokenizer, part="tokenizer")
-            if tok.pattern is None or not tok.pattern.subset(self.ks).equal(gen.pattern):
-                raise ValueError(
-                    f"merge pattern mismatch between tokenizer {hp.tokenizer} and the latent cache "
-                    f"{hp.cache}: the cache was made by another tokenizer; rebuild it (`vlt cache-latents`)"
-                )
-            gen.tokenizer.net.load_state_dict(tok.net.state_dict())
-            gen.tokenizer.fill.copy_(tok.fill)
+            source = f"tokenizer {hp.tokenizer} (the latent cache {hp.cache} was made by another tokenizer?)"
+            gen.take_tokenizer(load(hp.tokenizer, part="tokenizer"), source=source)
         if self.k_source == "data":
             gen.k_probs.copy_(prior_probs(_allocation_path(hp), gen))
 

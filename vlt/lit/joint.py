@@ -141,14 +141,10 @@ class LitJoint(L.LightningModule):
         if hp.init_from_dit:
             gen.load_state_dict(load(hp.init_from_dit, part="generator").state_dict())
         if hp.init_from_tokenizer:
-            tok = load(hp.init_from_tokenizer, part="tokenizer")
-            if tok.pattern is None or not tok.pattern.subset(self.ks).equal(gen.pattern):
-                raise ValueError(
-                    f"merge pattern mismatch between {hp.init_from_tokenizer} and {hp.init_from_dit}: the "
-                    "stage-2 checkpoint was trained on another tokenizer's latents"
-                )
-            gen.tokenizer.net.load_state_dict(tok.net.state_dict())
-            gen.tokenizer.fill.copy_(tok.fill)
+            source = (
+                f"{hp.init_from_tokenizer} (was {hp.init_from_dit} trained on another tokenizer's latents?)"
+            )
+            gen.take_tokenizer(load(hp.init_from_tokenizer, part="tokenizer"), source=source)
         if isinstance(self.target, SlotFeatures):
             self.target.copy_from(gen.tokenizer.net)
 

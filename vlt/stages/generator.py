@@ -94,6 +94,20 @@ class LatentGenerator(nn.Module):
     def has_prior(self) -> bool:
         return hasattr(self, "k_probs")
 
+    @torch.no_grad()
+    def take_tokenizer(self, tok: VariableLengthTokenizer, *, source: str) -> None:
+        """Decode with the weights of `tok` (named `source` in errors); it must carry this generator's
+        pattern at every K it serves, or its decoder would read tokens it never made."""
+        if self.tokenizer is None:
+            raise ValueError("this generator was built without a tokenizer (tokenizer=None)")
+        served = tok.pattern is not None and set(self.ks) <= set(tok.pattern.ks)
+        if not served or not tok.pattern.subset(self.ks).equal(self.pattern):
+            raise ValueError(
+                f"merge pattern mismatch: {source} does not carry this generator's pattern at K={self.ks}"
+            )
+        self.tokenizer.net.load_state_dict(tok.net.state_dict())
+        self.tokenizer.fill.copy_(tok.fill)
+
     # --- the latent space ---
     def normalise(self, z: Tensor) -> Tensor:
         return (z - self.latent_mean) / self.latent_std

@@ -87,11 +87,7 @@ def sample(
 
 def swap_tokenizer(model: LatentGenerator, path: str) -> None:
     """Decode with the tokenizer weights at `path`; its pattern must agree on every K the model serves."""
-    tok = load(path, part="tokenizer")
-    if tok.pattern is None or not tok.pattern.subset(model.ks).equal(model.pattern):
-        raise ValueError(f"tokenizer {path} does not carry the generator's merge pattern at K={model.ks}")
-    model.tokenizer.net.load_state_dict(tok.net.state_dict())
-    model.tokenizer.fill.copy_(tok.fill)
+    model.take_tokenizer(load(path, part="tokenizer"), source=f"tokenizer {path}")
 
 
 def sample_at_budget(
