@@ -19,9 +19,9 @@ from vlt.metrics.scores import (
 
 
 def features(seed: int, n: int, d: int, shift: float = 0.0, spread: float = 1.0) -> np.ndarray:
-    rng = np.random.default_rng(seed)
-    mix = rng.normal(size=(d, d)) / np.sqrt(d)
-    return (rng.normal(size=(n, d)) * spread) @ (np.eye(d) + 0.3 * mix) + shift
+    """n samples (seeded by `seed`) of one correlated Gaussian law per (d, shift, spread)."""
+    mix = np.random.default_rng([d, 7]).normal(size=(d, d)) / np.sqrt(d)  # the law: fixed, not per draw
+    return (np.random.default_rng(seed).normal(size=(n, d)) * spread) @ (np.eye(d) + 0.3 * mix) + shift
 
 
 def numpy_kid(x: np.ndarray, y: np.ndarray) -> float:
