@@ -113,17 +113,24 @@ def read_shard_images(pattern: str, n: int, size: int, batch_size: int) -> tuple
 
 
 def gather_rows(x: Tensor) -> tuple[Tensor, int]:
-    """Concatenate (B, G) tensors of every rank (B may differ): (T, G) and this rank's first row."""
+    """Concatenate (B, G) tensors of every rank (B may differ): (T, G) and this rank's first row.
+
+    A rank with no rows may not know G (an exactly-once val split can leave it no sample): the ranks
+    agree on the widest G first and gather in float64, so every all_gather moves one shape and dtype.
+    """
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return x, 0
     backend_device = x.device if dist.get_backend() == "nccl" else torch.device("cpu")
-    local = x.to(backend_device)
-    sizes = [torch.zeros(1, dtype=torch.long, device=backend_device) for _ in range(dist.get_world_size())]
-    dist.all_gather(sizes, torch.tensor([len(local)], device=backend_device))
-    counts = [int(s) for s in sizes]
-    padded = torch.zeros(max(counts), *local.shape[1:], dtype=local.dtype, device=backend_device)
+    local = x.to(backend_device, torch.float64)  # (B, G): one dtype on every rank (an empty one has none)
+    shape = torch.tensor([len(local), local.shape[1] if len(local) else 0], device=backend_device)
+    sizes = [torch.zeros(2, dtype=torch.long, device=backend_device) for _ in range(dist.get_world_size())]
+    dist.all_gather(sizes, shape)
+    counts, width = [int(s[0]) for s in sizes], max(int(s[1]) for s in sizes)
+    if not len(local):
+        local = local.new_zeros(0, width)
+    padded = torch.zeros(max(counts), width, dtype=local.dtype, device=backend_device)
     padded[: len(local)] = local
     parts = [torch.zeros_like(padded) for _ in counts]
     dist.all_gather(parts, padded)
     offset = sum(counts[: dist.get_rank()])
-    return torch.cat([p[:c] for p, c in zip(parts, counts)]).to(x.device), offset
+    return torch.cat([p[:c] for p, c in zip(parts, counts)]).to(x.device, x.dtype), offset

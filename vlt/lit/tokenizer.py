@@ -104,7 +104,10 @@ class LitTokenizer(L.LightningModule):
         merged = self.merger(enc.z, k)
         recon = self.tokenizer.decode(merged.z_hat)
         # The alignment loss only shapes which slots merge: nothing merges on K = N steps.
-        align = self.merger.alignment_loss(enc.z) if k < self.n_slots else enc.z.new_zeros(())
+        if k < self.n_slots:
+            align = self.merger.alignment_loss(enc.z)
+        else:  # zero, but every merger parameter stays in the graph: DDP's reducer expects them all
+            align = sum((p.sum() for p in self.merger.parameters()), enc.z.new_zeros(())) * 0.0
         return self.criterion(images, recon, kl=enc.kl, align=align)
 
     def training_step(self, batch: ImageBatch, batch_idx: int) -> Tensor:
