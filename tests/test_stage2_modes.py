@@ -8,7 +8,7 @@ import csv
 import pytest
 import torch
 
-from tests.conftest import ROOT, TINY_DIT, TINY_TOKENIZER
+from tests.conftest import ROOT, TINY_DIT, TINY_TOKENIZER, budget_overrides
 from vlt import load as vlt_load
 from vlt.cli import main as vlt
 from vlt.tools.cache_latents import cache_latents
@@ -43,7 +43,7 @@ def _cache(tmp_path, shards, ckpt):
 
 
 @pytest.mark.parametrize(("mode", "ks"), [("nested", [4, 8, 16, 32]), ("fixed", [8])])
-def test_stage2_end_to_end_per_mode(tmp_path, tiny_shards, mode, ks):
+def test_stage2_end_to_end_per_mode(tmp_path, tiny_shards, tiny_vltnet, mode, ks):
     ckpt = _tokenizer(tmp_path, tiny_shards, mode)
     latents = _cache(tmp_path, tiny_shards, ckpt)
     vlt(
@@ -56,6 +56,7 @@ def test_stage2_end_to_end_per_mode(tmp_path, tiny_shards, mode, ks):
             f"--latents={latents}",
             f"--model.init_args.tokenizer={ckpt}",
             f"--trainer.callbacks.init_args.ks={ks}",
+            *budget_overrides(tiny_vltnet, tiny_shards["val"]),
             *TINY_DIT,
         ]
     )
