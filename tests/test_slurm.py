@@ -166,7 +166,8 @@ def test_signal_requeues_and_resumes_exactly(cluster: None, shards: Path, tmp_pa
     log = run_dir / f"slurm-{job}.out"
 
     # Lightning's handlers live in the srun tasks (the batch shell has none): signal the job steps.
-    _wait(lambda: log.exists() and "RequeueAtStepEnd armed" in log.read_text(), "training to start", log=log, poll=0.1)
+    armed = "RequeueAtStepEnd armed"
+    _wait(lambda: log.exists() and armed in log.read_text(), "training to start", log=log, poll=0.1)
     time.sleep(2)
     assert _run(["scancel", "--signal=USR1", job], timeout=30).returncode == 0
     pattern = re.compile(r"saved (\S+hpc_ckpt_1\.ckpt) at global step (\d+)")
