@@ -1,31 +1,28 @@
 """The `vlt` command: Lightning's subcommands plus vlt's own tools.
 
-    vlt fit|validate|test|predict -c conf/<stage>/<preset>.yaml [--key=value ...]
+    vlt [-q] fit|validate|test|predict -c conf/<stage>/<preset>.yaml [--key=value ...]
     vlt data synthetic|photos|folder ...        build webdataset shards
     vlt cache-latents ... / vlt sample ... / vlt curves ...   (stage tools)
     vlt export CKPT OUT                                       stage checkpoint -> export folder(s)
     vlt allocate --cache <latents> --budget <mean K> ...      per-image K over the nested grid
 
-This is the only module that knows YAML exists. Config files are parsed by jsonargparse in
-"omegaconf+" mode: `${...}` interpolations resolve after command-line overrides are applied.
+This module imports neither torch nor Lightning: a tool's module is imported only when it runs, and
+`fit` & co. import `vlt.lit.cli` (the only module that knows YAML configs). `-q` (or VLT_QUIET=1)
+silences progress and summaries. List options take space-separated values (`--k 8 16`).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import importlib
+import inspect
 import json
+import os
+import re
 import sys
+import types
+import typing
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
-
-import jsonargparse
-from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
-
-from vlt import runs
-from vlt.checkpoints import load_checkpoint
-from vlt.paths import check_name
 
 # Extra commands: name -> "module:function-or-list" resolved lazily, so `vlt fit` never imports them.
 TOOLS: dict[str, str] = {
@@ -37,112 +34,9 @@ TOOLS: dict[str, str] = {
     "allocate": "vlt.adaptive.command:allocate",
     "features": "vlt.metrics.features:features",
 }
-# Model init args that name a checkpoint file, and the stage that file must be.
-CHECKPOINT_ARGS: dict[str, str] = {
-    "tokenizer": "tokenizer",
-    "init_from_tokenizer": "tokenizer",
-    "init_from_dit": "dit",
-}
-# The stage of each LightningModule, for `--ckpt_path`.
-MODEL_STAGES: dict[str, str] = {"LitTokenizer": "tokenizer", "LitDiT": "dit", "LitJoint": "joint"}
-
-
-class VLTCLI(LightningCLI):
-    """LightningCLI with vlt's defaults: omegaconf+ parsing, resumable config saving, a run name."""
-
-    def __init__(self, args: list[str] | None = None, run: bool = True) -> None:
-        # Relative paths inside configs resolve against the working directory, also under subcommands.
-        jsonargparse.set_parsing_settings(omegaconf_absolute_to_relative_paths=True)
-        super().__init__(
-            model_class=None,
-            datamodule_class=None,
-            parser_kwargs={"parser_mode": "omegaconf+"},
-            # A requeued or resumed run rewrites its own config.yaml instead of crashing on it.
-            save_config_kwargs={"overwrite": True},
-            seed_everything_default=0,
-            # Each LightningModule owns its optimizer and schedule (typed init args), so configs stay flat.
-            auto_configure_optimizers=False,
-            args=args,
-            run=run,
-        )
-
-    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
-        # Top-level keys used only for interpolation must be declared arguments.
-        parser.add_argument("--name", type=str, default="run", help="Run name: outputs go to runs/<name>/")
-        parser.add_argument("--runs_dir", type=str, default="runs", help="Parent folder of run directories")
-        parser.add_argument("--latents", type=str, default="", help="Latent cache folder (stage-2 configs)")
-        parser.add_argument(
-            "--imagenet", type=str, default="", help="Image shard folder (paper-scale configs)"
-        )
-
-    def before_instantiate_classes(self) -> None:
-        """Give every run one fixed directory, runs_dir/name, unless the config sets its own, and let the
-        model read the shapes its sources define (`resolve_sources`: the cache's pattern, the stage
-        checkpoints' configs), so its constructor does no file I/O.
-
-        Fixed (no timestamps, no version_N) so a requeued or resumed job finds its checkpoints, TensorBoard
-        events and config.yaml in the same place.
-        """
-        config = self.config[self.subcommand] if self.subcommand else self.config
-        run_dir = str(Path(config.runs_dir) / check_name(config.name, "--name"))
-        check_checkpoint_args(config.get("model"))  # before any of those files is read
-        resolve_model_sources(config)
-        trainer = config.trainer
-        if trainer.default_root_dir is None:
-            trainer.default_root_dir = run_dir
-        if trainer.logger is None or trainer.logger is True:
-            trainer.logger = {
-                "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
-                "init_args": {"save_dir": config.runs_dir, "name": config.name, "version": ""},
-            }
-
-    def before_fit(self) -> None:
-        """Refuse to reuse a run directory by accident; a SLURM requeue resumes from its newest checkpoint."""
-        init = self.config_init[self.subcommand]
-        init["ckpt_path"] = runs.prepare_fit(self.trainer, ckpt_path=init.get("ckpt_path"))
-        check_ckpt_path(init["ckpt_path"], self.model)
-
-    def before_validate(self) -> None:
-        check_ckpt_path(self.config_init[self.subcommand].get("ckpt_path"), self.model)
-
-
-def check_checkpoint_args(model: Any) -> None:
-    """Every checkpoint a model's init args name loads safely and is of the stage its key needs."""
-    init_args = (model.get("init_args") if hasattr(model, "get") else None) or {}
-    for key, stage in CHECKPOINT_ARGS.items():
-        value = init_args.get(key) if hasattr(init_args, "get") else None
-        if isinstance(value, str) and value and not Path(value).is_dir():  # a folder: a safetensors export
-            load_checkpoint(value, expect=stage, config_key=f"model.init_args.{key}")
-
-
-def check_ckpt_path(path: str | None, model: Any) -> None:
-    """`--ckpt_path` must be a checkpoint of the model's own stage (checked before any step runs)."""
-    stage = MODEL_STAGES.get(type(model).__name__)
-    if path and path not in ("last", "best", "hpc") and stage is not None:
-        load_checkpoint(path, expect=stage, config_key="--ckpt_path")
-
-
-def resolve_model_sources(config) -> None:
-    """Fill the model's init args that its class reads from files (a `resolve_sources` classmethod)."""
-    model = config.get("model")
-    if model is None or not isinstance(model.get("class_path"), str):
-        return
-    module, _, name = model.class_path.rpartition(".")
-    cls = getattr(importlib.import_module(module), name)
-    if not hasattr(cls, "resolve_sources"):
-        return
-    init_args = model.init_args
-    given = {key: init_args[key] for key in vars(init_args)}
-    for key, value in cls.resolve_sources(given).items():
-        if given.get(key) is None and value is not None:
-            init_args[key] = _as_config_value(value)
-
-
-def _as_config_value(value):
-    """Dataclass values become Namespaces, as jsonargparse holds parsed dataclass arguments."""
-    if dataclasses.is_dataclass(value):
-        return jsonargparse.Namespace(**{f.name: getattr(value, f.name) for f in dataclasses.fields(value)})
-    return value
+# Positional paths a tool takes before its options: `vlt export CKPT OUT`, `vlt curves RUN [RUN ...]`.
+LEADING: dict[str, tuple[str, ...]] = {"export": ("ckpt", "out"), "curves": ("runs",)}
+_NUMBER = re.compile(r"^-?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$")
 
 
 def _resolve(spec: str) -> Callable | list[Callable]:
@@ -158,21 +52,118 @@ def _leading_paths(args: list[str]) -> int:
     return len(args)
 
 
+def _list_item(annotation: Any) -> type | None:
+    """The item type of a list-typed parameter (`list[int]`, `list[int] | None`, `str | list[str]`)."""
+    if typing.get_origin(annotation) is list:
+        (item,) = typing.get_args(annotation) or (str,)
+        return item if isinstance(item, type) else str
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        for arg in typing.get_args(annotation):
+            item = _list_item(arg)
+            if item is not None:
+                return item
+    return None
+
+
+def list_options(fn: Callable) -> dict[str, type]:
+    """`{option: item type}` for the list-typed parameters of a tool function."""
+    hints = typing.get_type_hints(fn)
+    return {
+        name: item
+        for name in inspect.signature(fn).parameters
+        if (item := _list_item(hints.get(name))) is not None
+    }
+
+
+def _is_value(token: str) -> bool:
+    return not token.startswith("-") or bool(_NUMBER.match(token))
+
+
+def _as_item(token: str, item: type, option: str, prog: str) -> Any:
+    try:
+        return item(float(token)) if item is int and float(token).is_integer() else item(token)
+    except ValueError:
+        example = {int: "8 16", float: "1.0 1.5"}.get(item, "a b")
+        raise SystemExit(
+            f"{prog}: error: --{option} takes {item.__name__} values, got {token!r}; "
+            f"e.g. --{option} {example}"
+        ) from None
+
+
+def join_list_options(fn: Callable, args: list[str], prog: str) -> list[str]:
+    """Rewrite `--k 8 16` (space-separated values) as `--k=[8, 16]`, the form jsonargparse parses.
+
+    `--k=[8,16]`, `--k '[8, 16]'` and `--k+ 8` keep working; a single value `--k 8` is a one-item list.
+    """
+    options = list_options(fn)
+    out: list[str] = []
+    i = 0
+    while i < len(args):
+        name = args[i][2:] if args[i].startswith("--") else ""
+        if name not in options:
+            out.append(args[i])
+            i += 1
+            continue
+        j = i + 1
+        while j < len(args) and _is_value(args[j]):
+            j += 1
+        if j == i + 2 and args[i + 1].startswith("["):  # already a list: `--k '[8, 16]'`
+            out += args[i:j]
+            i = j
+            continue
+        values = [_as_item(token, options[name], name, prog) for token in args[i + 1 : j]]
+        if not values:
+            raise SystemExit(f"{prog}: error: --{name} needs at least one value, e.g. --{name} 8 16")
+        out.append(f"--{name}={json.dumps(values)}")
+        i = j
+    return out
+
+
+def run_tool(tool: str, rest: list[str]) -> Any:
+    import jsonargparse
+
+    from vlt import console
+
+    console.quiet_third_party()
+    target = _resolve(TOOLS[tool])
+    prog = f"vlt {tool}"
+    leading = LEADING.get(tool, ())
+    if leading:
+        lead = rest[: _leading_paths(rest)]
+        if leading == ("runs",):  # every leading path is a run
+            rest = ([f"--runs={json.dumps(lead)}"] if lead else []) + rest[len(lead) :]
+        else:
+            lead = lead[: len(leading)]
+            rest = [f"--{name}={value}" for name, value in zip(leading, lead)] + rest[len(lead) :]
+    if isinstance(target, list):  # subcommands: `vlt data synthetic ...`
+        by_name = {fn.__name__: fn for fn in target}
+        if rest and rest[0] in by_name:
+            rest = rest[:1] + join_list_options(by_name[rest[0]], rest[1:], f"{prog} {rest[0]}")
+    else:
+        rest = join_list_options(target, rest, prog)
+    return jsonargparse.CLI(target, args=rest, prog=prog, as_positional=False)
+
+
 def main(argv: list[str] | None = None) -> None:
     args = list(sys.argv[1:] if argv is None else argv)
+    if args and args[0] in ("-q", "--quiet"):
+        os.environ["VLT_QUIET"] = "1"
+        args = args[1:]
     if args and args[0] in TOOLS:
-        tool, rest = args[0], args[1:]
-        if tool == "curves":  # `vlt curves RUN_DIR [RUN_DIR ...]`: leading paths become --runs
-            paths = [a for a in rest if not a.startswith("-")][: _leading_paths(rest)]
-            rest = ([f"--runs={json.dumps(paths)}"] if paths else []) + rest[len(paths) :]
-        elif tool == "export":  # `vlt export CKPT OUT`: leading paths become --ckpt, --out
-            lead = rest[: min(_leading_paths(rest), 2)]
-            rest = [f"--{name}={value}" for name, value in zip(("ckpt", "out"), lead)] + rest[len(lead) :]
-        jsonargparse.CLI(_resolve(TOOLS[tool]), args=rest, prog=f"vlt {tool}", as_positional=False)
+        run_tool(args[0], args[1:])
         return
     if args and args[0] in ("-h", "--help"):
         print(f"vlt tools (each has --help): {', '.join(TOOLS)}\n")
-    VLTCLI(args=argv)
+    from vlt.lit.cli import VLTCLI
+
+    VLTCLI(args=args)
+
+
+def __getattr__(name: str) -> Any:
+    """`vlt.cli.VLTCLI` and the config checks still resolve, from `vlt.lit.cli` (imports Lightning)."""
+    if name in ("VLTCLI", "check_checkpoint_args", "check_ckpt_path", "resolve_model_sources"):
+        return getattr(importlib.import_module("vlt.lit.cli"), name)
+    raise AttributeError(f"module 'vlt.cli' has no attribute {name!r}")
 
 
 if __name__ == "__main__":

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 from scipy.stats import spearmanr
 
+from vlt import console
 from vlt.adaptive import allocation as A
 from vlt.data.cache import Curves, LatentCache
 
@@ -204,8 +205,22 @@ def allocate(
     run_name = (
         f"{rule}-{cost}-{f'b{budget:g}' if rule == 'lagrangian' else f'tau{tau:g}'}-{distortion}-{source}"
     )
-    write_histograms(Path(log_dir) if log_dir else root / "tb", run_name, curves, ks, meta)
+    tb = write_histograms(Path(log_dir) if log_dir else root / "tb", run_name, curves, ks, meta)
     print(table(meta))
+    console.summary(
+        f"allocate: K_i for {sum(len(k) for k in ks.values())} images",
+        where=root,
+        files=[
+            "allocation.json",
+            *(f"k-{s}.npz" for s in SPLITS),
+            str(tb.relative_to(root) if tb.is_relative_to(root) else tb),
+        ],
+        numbers={f"mean K ({s})": meta["mean_k"][s] for s in SPLITS},
+        next_steps=[
+            f"make train-dit-adaptive ADAPTIVE={root}",
+            f".venv/bin/tensorboard --logdir {tb}  (K_i histograms)",
+        ],
+    )
     return meta
 
 

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from vlt import console
 from vlt.data.cache import LatentCache
 from vlt.models.pattern import MergePattern
 
@@ -119,7 +120,7 @@ def fit_predictor(
     generator = torch.Generator().manual_seed(seed)
     losses = []
     model.train()
-    for _ in range(steps):
+    for _ in console.progress(range(steps), desc="allocate: curve predictor step"):
         idx = torch.randint(len(z), (min(batch_size, len(z)),), generator=generator)  # (B,)
         curve = model.normalised(z[idx])  # (B, G)
         loss = (curve - target[idx]).square().mean()

@@ -1,5 +1,18 @@
-"""Lightning callbacks: token-budget curves (rFID/gFID/PSNR vs tokens and FLOPs)."""
+"""Lightning callbacks: token-budget curves (rFID/gFID/PSNR vs tokens and FLOPs), pictures, progress, guards.
 
-from vlt.callbacks.token_budget import BudgetModule, TokenBudgetCallback
+Names are imported lazily, so `vlt curves` (vlt.callbacks.curves) starts without importing Lightning.
+"""
 
-__all__ = ["BudgetModule", "TokenBudgetCallback"]
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_EXPORTS = {"BudgetModule": "vlt.callbacks.token_budget", "TokenBudgetCallback": "vlt.callbacks.token_budget"}
+__all__ = list(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'vlt.callbacks' has no attribute {name!r}")

@@ -1,17 +1,24 @@
-"""TensorBoard pictures of the stage modules: reconstructions across K, merge patterns, samples.
+"""Pictures of the stage modules: reconstructions across K, the merge pattern, samples per K and class.
 
 Shaped like Lightning's `ImageSampler` example: typed init, eval mode on, work under no_grad,
 restore, write on rank zero only. The pictures use the weights being validated (EMA weights when
-the EMA callback swaps them in).
+the EMA callback swaps them in). Each is a labelled panel (`vlt.panels`, tiles of at least 128 px)
+logged to TensorBoard and saved as PNG under <run>/panels/ (the latest as `<name>.png`, and
+`<name>_step<N>.png`).
 """
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import lightning.pytorch as pl
 import numpy as np
 import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 from torch import Tensor
+
+from vlt.data.transforms import to_uint8
+from vlt.panels import panel, pattern_panel, save_png
 
 
 def _tensorboard(trainer: pl.Trainer):
@@ -21,32 +28,19 @@ def _tensorboard(trainer: pl.Trainer):
     return None
 
 
-def image_rows(rows: list[Tensor]) -> Tensor:
-    """Stack rows of (B, 3, H, W) images in [-1, 1] into one (3, R*H, B*W) picture in [0, 1]."""
-    pic = torch.stack(rows)  # (R, B, 3, H, W)
-    r, b, c, h, w = pic.shape
-    pic = pic.permute(2, 0, 3, 1, 4).reshape(c, r * h, b * w)
-    return ((pic.clamp(-1, 1) + 1) / 2).cpu()
+def publish(trainer: pl.Trainer, name: str, tag: str, picture: np.ndarray) -> None:
+    """One panel to TensorBoard (under `tag`) and to <run>/panels/<name>.png and <name>_step<N>.png."""
+    step = trainer.global_step
+    writer = _tensorboard(trainer)
+    if writer is not None:
+        writer.add_image(tag, picture, step, dataformats="HWC")
+    folder = Path(trainer.log_dir or trainer.default_root_dir) / "panels"
+    save_png(picture, folder / f"{name}.png")
+    save_png(picture, folder / f"{name}_step{step}.png")
 
 
-def pattern_picture(assign: dict[int, Tensor], cell: int = 8) -> np.ndarray:
-    """(H, W, 3) uint8: one row per K, one column per slot, slots of a merged token share a colour.
-
-    Colours follow each cluster's smallest member slot, so nested cuts read as merging stripes.
-    """
-    ks = sorted(assign)
-    n = len(assign[ks[0]])
-    hues = np.linspace(0, 1, n, endpoint=False)
-    rng = np.random.default_rng(0)
-    palette = (np.stack([np.sin(2 * np.pi * (hues + o)) for o in (0, 1 / 3, 2 / 3)], 1) + 1) / 2
-    palette = palette[rng.permutation(n)]
-    rows = []
-    for k in ks:
-        a = assign[k].numpy()
-        first = np.array([np.flatnonzero(a == a[i]).min() for i in range(n)])
-        rows.append(palette[first])
-    pic = np.repeat(np.repeat(np.stack(rows), cell, axis=0), cell, axis=1)
-    return (pic * 255).astype(np.uint8)
+def class_names(labels: Tensor, names: list[str] | None) -> list[str]:
+    return [names[i] if names and i < len(names) else f"class {i}" for i in labels.tolist()]
 
 
 class ReconstructionImages(pl.Callback):
@@ -64,29 +58,26 @@ class ReconstructionImages(pl.Callback):
         self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0
     ) -> None:
         if batch_idx == 0 and self._batch is None:
-            self._batch = batch.image[: self.num_images].detach()
+            self._batch = (batch.image[: self.num_images].detach(), batch.label[: self.num_images].detach())
 
     @torch.no_grad()
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        images, self._batch = self._batch, None
-        writer = _tensorboard(trainer)
-        if images is None or writer is None or not trainer.is_global_zero or trainer.sanity_checking:
+        batch, self._batch = self._batch, None
+        if batch is None or not trainer.is_global_zero or trainer.sanity_checking:
             return
+        images, labels = batch
         rows = [images] + [pl_module.reconstruct(images, k) for k in pl_module.val_ks]
-        step = trainer.global_step
-        writer.add_image(
-            "images/reconstructions (top: input, then K=" + ",".join(map(str, pl_module.val_ks)) + ")",
-            image_rows(rows),
-            step,
+        picture = panel(
+            [to_uint8(r) for r in rows],
+            row_labels=["input"] + [f"K={k}" for k in pl_module.val_ks],
+            col_labels=class_names(labels, _classes(trainer)),
+            title=f"reconstructions at step {trainer.global_step} (EMA weights when EMA is on)",
         )
+        publish(trainer, "reconstructions", "images/reconstructions", picture)
         pattern = pl_module.pattern()
         if pattern is not None:
-            writer.add_image(
-                "images/merge_pattern (rows: K, columns: slots)",
-                pattern_picture({k: pattern.assignment(k).cpu() for k in pattern.ks}),
-                step,
-                dataformats="HWC",
-            )
+            assign = {k: pattern.assignment(k).cpu().numpy() for k in pattern.ks}
+            publish(trainer, "merge_pattern", "images/merge_pattern", pattern_panel(assign))
 
 
 class SampleImages(pl.Callback):
@@ -103,14 +94,25 @@ class SampleImages(pl.Callback):
 
     @torch.no_grad()
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        writer = _tensorboard(trainer)
-        if writer is None or not trainer.is_global_zero or trainer.sanity_checking:
+        if not trainer.is_global_zero or trainer.sanity_checking:
             return
         model = pl_module.generator
         labels = torch.arange(self.num_classes) % model.dit.cfg.num_classes
         rows = []
         for k in model.ks:
             gen = torch.Generator().manual_seed(self.seed)
-            rows.append(model.generate(labels, k, steps=self.steps, generator=gen))
-        name = "images/samples (rows: K=" + ",".join(map(str, model.ks)) + ", columns: class)"
-        writer.add_image(name, image_rows(rows), trainer.global_step)
+            rows.append(to_uint8(model.generate(labels, k, steps=self.steps, generator=gen)))
+        picture = panel(
+            rows,
+            row_labels=[f"K={k}" for k in model.ks],
+            col_labels=class_names(labels, _classes(trainer)),
+            title=f"samples at step {trainer.global_step}, seed {self.seed}, {self.steps} steps",
+        )
+        publish(trainer, "samples", "images/samples", picture)
+
+
+def _classes(trainer: pl.Trainer) -> list[str] | None:
+    """Class names of the run's data (its info.json), when the datamodule has them."""
+    info = getattr(trainer.datamodule, "info", None) if trainer.datamodule is not None else None
+    names = info.get("classes") if isinstance(info, dict) else None
+    return list(names) if names else None

@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Any
 
 import braceexpand
-import webdataset as wds
 
 SPLITS: tuple[str, ...] = ("train", "val")
 PIPE_ENV = "VLT_ALLOW_PIPE"
@@ -97,7 +96,7 @@ class SplitWriter:
             old.unlink()  # a smaller rebuild must not leave stale shards behind for globs to pick up
         self.shard_size = shard_size
         self.counts: dict[str, int] = {}
-        self._writers: dict[str, wds.ShardWriter] = {}
+        self._writers: dict[str, Any] = {}  # split -> webdataset.ShardWriter
 
     def write(self, split: str, key: str, *, image: bytes, ext: str, label: int, meta: dict) -> None:
         """Add one sample; `meta` goes into the json member together with label (keys have no dots)."""
@@ -105,6 +104,8 @@ class SplitWriter:
             raise ValueError(f"split={split!r} is not one of {SPLITS}")
         if split not in self._writers:
             pattern = str(self.out / f"{split}-%06d.tar")
+            import webdataset as wds  # here: it imports torch, which the builders do not need
+
             self._writers[split] = wds.ShardWriter(pattern, maxcount=self.shard_size, verbose=0, mtime=0)
         record = {"label": int(label), **meta}
         sample = {

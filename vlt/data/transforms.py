@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import functools
 import io
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
-import torch
 from PIL import Image, ImageCms, ImageOps
+
+if TYPE_CHECKING:
+    import torch
 
 Crop = Literal["center", "random"]
 CROPS: tuple[str, ...] = ("center", "random")
@@ -126,22 +128,13 @@ def to_unit_range(images: np.ndarray | torch.Tensor) -> torch.Tensor:
     x = arr.transpose(0, 3, 1, 2).astype(np.float32, order="C")  # (B, 3, H, W), contiguous copy
     np.divide(x, 127.5, out=x)
     np.subtract(x, 1.0, out=x)
+    import torch  # here, not at the top: the shard builders use this module and start without torch
+
     return torch.from_numpy(x)
 
 
-def to_uint8(images: torch.Tensor) -> np.ndarray:
+def to_uint8(images: torch.Tensor | np.ndarray) -> np.ndarray:
     """Inverse of `to_unit_range`: float (B, 3, H, W) in [-1, 1] -> uint8 (B, H, W, 3), rounded."""
-    x = ((images.detach().float().clamp(-1, 1) + 1) * 127.5).round()  # (B, 3, H, W)
-    return x.to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
-
-
-def image_grid(images: torch.Tensor, ncol: int = 8, pad: int = 1) -> np.ndarray:
-    """Tile float (B, 3, H, W) images in [-1, 1] into one uint8 (rows*(H+pad), ncol*(W+pad), 3) array."""
-    arr = to_uint8(images)  # (B, H, W, 3)
-    b, h, w, _ = arr.shape
-    rows = -(-b // ncol)
-    grid = np.full((rows * (h + pad), ncol * (w + pad), 3), 255, dtype=np.uint8)
-    for i in range(b):
-        r, c = divmod(i, ncol)
-        grid[r * (h + pad) : r * (h + pad) + h, c * (w + pad) : c * (w + pad) + w] = arr[i]
-    return grid
+    x = images.detach().float().cpu().numpy() if hasattr(images, "detach") else np.asarray(images, np.float32)
+    x = np.rint((np.clip(x, -1, 1) + 1) * np.float32(127.5))  # (B, 3, H, W)
+    return x.astype(np.uint8).transpose(0, 2, 3, 1)

@@ -28,6 +28,7 @@ import torch
 import webdataset as wds
 from torch import Tensor
 
+from vlt import console
 from vlt.adaptive.distortion import png_size, psnr_curves
 from vlt.data.cache import Curves, LatentCache
 from vlt.data.datamodule import WebDataModule
@@ -147,11 +148,33 @@ def cache_latents(
         wds.ShardWriter(cache.shard_pattern(split, rank), maxcount=shard_size, verbose=0) as sink,
         torch.no_grad(),
     ):
-        for batch in data.val_dataloader():
+        batches = console.progress(
+            data.val_dataloader(),
+            total=_batches(data.info, split, batch_size, world),
+            desc=f"cache-latents {split}",
+        )
+        for batch in batches:
             where = f"cache-latents of {shards}"
             check_labels(batch.label, data_classes(data.info), where=where, keys=batch.key)
             _write_batch(model, batch, grid, sink, totals, flip)
     meta = {"tokenizer": str(tokenizer), "world_size": world, "skipped": data.skipped, "start": start}
     meta["flip"] = flip
     _finish(cache, split, rank, cfg, totals, grid, meta)
+    if rank == 0:
+        console.summary(
+            f"cache-latents {split}: {totals.count} images encoded",
+            where=cache.root,
+            files=sorted(p.name for p in cache.root.iterdir() if split in p.name),
+            next_steps=[
+                f"vlt cache-latents ... --split val --out {cache.root}"
+                if split == "train"
+                else "make train-dit"
+            ],
+        )
     return cache.root
+
+
+def _batches(info: dict | None, split: str, batch_size: int, world: int) -> int | None:
+    """Batches of this rank when the shard set's info.json counts the split (for the progress total)."""
+    count = ((info or {}).get("counts") or {}).get(split)
+    return -(-int(count) // (batch_size * world)) if count else None

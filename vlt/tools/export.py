@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from vlt import console
 from vlt.stages import LatentGenerator, export, load
 
 
@@ -28,6 +29,10 @@ def export_checkpoint(ckpt: str, out: str) -> list[Path]:
             written.append(export(obj.tokenizer, Path(out) / "tokenizer"))
     else:
         written = [export(obj, out)]
-    for folder in written:
-        print(f"export: {folder} ({', '.join(sorted(p.name for p in folder.iterdir()))})")
+    root = Path(out)
+    files = [p.relative_to(root) for folder in written for p in sorted(folder.iterdir())]
+    steps = [f"python -c \"import vlt; print(vlt.load('{written[0]}'))\""]
+    if isinstance(obj, LatentGenerator):
+        steps.append(f"vlt sample --dit {written[0]}")
+    console.summary(f"export: {ckpt}", where=root, files=files, next_steps=steps)
     return written

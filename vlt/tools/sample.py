@@ -7,27 +7,23 @@ image gets its own K, drawn from the DiT's p(K | class) tilted to that mean; the
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 
+from vlt import console
 from vlt.data.transforms import to_uint8
+from vlt.panels import panel, save_png
 from vlt.stages import LatentGenerator, load
 
 
-def save_grid(images: np.ndarray, path: str | Path, cols: int | None = None) -> None:
-    """(B, H, W, 3) uint8 -> one PNG grid with `cols` columns (default: about square)."""
-    b, h, w, _ = images.shape
-    cols = cols or math.ceil(math.sqrt(b))
-    rows = math.ceil(b / cols)
-    grid = np.zeros((rows * h, cols * w, 3), dtype=np.uint8)
-    for i, img in enumerate(images):
-        r, c = divmod(i, cols)
-        grid[r * h : (r + 1) * h, c * w : (c + 1) * w] = img
-    Image.fromarray(grid).save(path)
+def save_grid(images: np.ndarray, path: str | Path, labels: list[str], title: str, cols: int = 8) -> None:
+    """(B, H, W, 3) uint8 -> a labelled PNG panel (`vlt.panels`), `cols` images per row, columns by class."""
+    rows = [images[i : i + cols] for i in range(0, len(images), cols)]
+    row_labels = [f"{i}-{min(i + cols, len(images)) - 1}" for i in range(0, len(images), cols)]
+    # Column labels are the first row's classes; classes cycle, so with cols = #classes every row matches.
+    save_png(panel(rows, row_labels=row_labels, col_labels=labels[:cols], title=title), path)
 
 
 def sample(
@@ -73,15 +69,21 @@ def sample(
     if budget is not None:
         return sample_at_budget(model, y, budget, steps=steps, cfg_scale=cfg_scale, seed=seed, root=root)
     written = []
-    for kk in ks:
+    names = [f"class {int(label)}" for label in y]
+    cols = min(len(labels), 16)
+    for kk in console.progress(ks, desc="sample K"):
         gen = torch.Generator().manual_seed(seed)
         images = to_uint8(model.generate(y, kk, cfg_scale=cfg_scale, steps=steps, generator=gen))
-        save_grid(images, root / f"grid_k{kk}.png")
+        title = f"samples at K={kk}, seed {seed} (rows: image index, columns: class)"
+        save_grid(images, root / f"grid_k{kk}.png", names, title, cols=cols)
         np.savez(root / f"samples_k{kk}.npz", images, labels=y.numpy())
         written += [root / f"grid_k{kk}.png", root / f"samples_k{kk}.npz"]
-        print(
-            f"sample: {count} images at K={kk} -> {root / f'grid_k{kk}.png'}, {root / f'samples_k{kk}.npz'}"
-        )
+    console.summary(
+        f"sample: {count} images at each K = {', '.join(map(str, ks))}",
+        where=root,
+        files=[p.name for p in written],
+        next_steps=["open the grid_k*.png files; the npz files are what FID evaluators read"],
+    )
     return written
 
 
@@ -106,11 +108,19 @@ def sample_at_budget(
     images = to_uint8(images)
     tag = f"budget{budget:g}"
     grid, npz = root / f"grid_{tag}.png", root / f"samples_{tag}.npz"
-    save_grid(images, grid)
+    groups = [(k, images[(ks == k).numpy()][:16]) for k in ks.unique().tolist()]
+    picture = panel(
+        [g for _, g in groups],
+        row_labels=[f"K={k} ({int((ks == k).sum())})" for k, _ in groups],
+        title=f"samples at mean K {budget:g}, one K per image (rows: K, number of images)",
+    )
+    save_png(picture, grid)
     np.savez(npz, images, labels=y.numpy(), ks=ks.numpy())
     counts = {k: int((ks == k).sum()) for k in ks.unique().tolist()}
-    print(
-        f"sample: {len(y)} images at mean K {budget:g} requested, {ks.double().mean().item():.2f} achieved "
-        f"(images per K: {counts}) -> {grid}, {npz}"
+    console.summary(
+        f"sample: {len(y)} images at mean K {budget:g} requested, {ks.double().mean().item():.2f} achieved",
+        where=root,
+        files=[grid.name, npz.name],
+        numbers={"images per K": counts},
     )
     return [grid, npz]
