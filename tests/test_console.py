@@ -69,7 +69,9 @@ def test_status_line_reads_as_a_person_would_write_it():
     assert console.duration(3725) == "1h02m"
 
 
-def _tool(k: list[int] | None = None, scales: list[float] | None = None, shards: str | list[str] = "") -> None:
+def _tool(
+    k: list[int] | None = None, scales: list[float] | None = None, shards: str | list[str] = ""
+) -> None:
     """A stand-in signature with the list shapes the tools use."""
 
 
