@@ -73,6 +73,7 @@ class BudgetEvaluator(BudgetSettings):
         metrics: list[str] | None = None, step: int = 0, epoch: int = 0, autocast: Autocast = nullcontext,
     ) -> list[dict]:  # fmt: skip
         """Rows of any `BudgetModule` on this rank's first num_images // world images (or labels)."""
+        self.check(model, self.metrics if metrics is None else metrics)
         batches = evaluation_set(images, labels, self.num_images // world()[1], self.batch_size)
         return self.evaluate_batches(
             model, *batches, metrics=metrics, step=step, epoch=epoch, autocast=autocast
