@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -11,6 +13,7 @@ import yaml
 
 from tests.conftest import ROOT, TINY_TOKENIZER
 from vlt.cli import main as vlt
+from vlt.models import DiTConfig, TokenizerConfig, preset_config
 
 STAGE_CONFIGS = sorted(p for p in (ROOT / "conf").glob("*/*.yaml") if p.parent.name != "trainer")
 TRAINER_CONFIGS = sorted((ROOT / "conf" / "trainer").glob("*.yaml"))
@@ -29,6 +32,56 @@ def test_stage_config_parses(path, capsys):
     assert config["model"]["class_path"].startswith("vlt.lit.")
     assert config["data"]["class_path"] == "vlt.data.WebDataModule"
     assert "${" not in yaml.safe_dump(config), "an interpolation was left unresolved"
+
+
+# Model init args that hold a registry kind's config (the key, minus a `_config` suffix, names the kind).
+PRESET_SECTIONS = ("tokenizer", "tokenizer_config", "dit")
+DEFAULTS = {"tokenizer": TokenizerConfig(), "dit": DiTConfig()}  # the signatures' defaults
+
+
+@pytest.mark.parametrize("path", STAGE_CONFIGS, ids=lambda p: f"{p.parent.name}/{p.name}")
+def test_model_config_is_the_named_preset_plus_the_listed_fields(path, capsys):
+    """What a config runs is a registered preset (covered by the registry's contract tests) plus the
+    fields the file lists; paper-scale files name their preset instead of re-listing its fields."""
+    listed = yaml.safe_load(path.read_text())["model"]["init_args"]
+    printed = print_config("-c", str(path), capsys=capsys)["model"]["init_args"]
+    for key in [k for k in PRESET_SECTIONS if isinstance(listed.get(k), dict)]:
+        fields, kind = dict(listed[key]), key.removesuffix("_config")
+        name = fields.pop("preset", None)
+        if not path.name.startswith("tiny"):
+            assert name is not None, f"{path.name}: {key} re-lists fields instead of naming a preset"
+        base = preset_config(kind, name) if name else DEFAULTS[kind]
+        assert printed[key] == dataclasses.asdict(dataclasses.replace(base, **fields))
+
+
+def test_tiny_presets_are_the_signature_defaults():
+    """A tiny config that names no preset runs the tiny preset: the dataclass defaults are that preset."""
+    assert preset_config("tokenizer", "tiny") == TokenizerConfig()
+    assert preset_config("dit", "tiny") == DiTConfig()
+
+
+def test_a_preset_override_from_a_later_file_and_the_command_line(tmp_path, capsys):
+    override = tmp_path / "wider.yaml"
+    override.write_text("model:\n  init_args:\n    tokenizer: {width: 512}\n")
+    args = ["-c", str(ROOT / "conf/tokenizer/b.yaml"), "-c", str(override)]
+    printed = print_config(*args, "--model.init_args.tokenizer.heads=8", capsys=capsys)
+    tokenizer = printed["model"]["init_args"]["tokenizer"]
+    expected = dataclasses.replace(preset_config("tokenizer", "b"), width=512, heads=8)
+    assert tokenizer == dataclasses.asdict(expected)
+
+
+@pytest.mark.parametrize(
+    ("section", "message"),
+    [("{preset: q}", r"unknown dit preset 'q'; registered: \['b', 'l', 's', 'tiny', 'xl'\]"),
+     ("{preset: s, widht: 3}", r"dit preset 's' has no fields \['widht'\]")],
+)  # fmt: skip
+def test_a_bad_preset_fails_at_parse_naming_it(tmp_path, capsys, section, message):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text((ROOT / "conf/dit/s.yaml").read_text().replace("{preset: s, num_classes: 1000}", section))
+    with pytest.raises(SystemExit) as exit_info:
+        vlt(["fit", "-c", str(bad), "--print_config"])
+    assert exit_info.value.code != 0
+    assert re.search(message, capsys.readouterr().err)
 
 
 @pytest.mark.parametrize("path", TRAINER_CONFIGS, ids=lambda p: p.name)

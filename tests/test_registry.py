@@ -3,10 +3,13 @@ parameter gets a finite gradient."""
 
 from __future__ import annotations
 
+import re
+from dataclasses import asdict
+
 import pytest
 import torch
 
-from vlt.models import create, list_presets, register
+from vlt.models import create, expand_presets, list_presets, preset_config, register
 
 # Full-size s/b (256x256, N=256, 24 blocks) are too slow for a 2-core unit test: same structure,
 # smaller image, fewer slots and blocks. The real configs are built once below.
@@ -52,4 +55,20 @@ def test_registry_errors_and_overrides() -> None:
         create("tokenizer", "nope")
     assert create("tokenizer", "tiny", width=32, n_slots=8).cfg.n_slots == 8
     with pytest.raises(ValueError, match="already registered"):
-        register("tokenizer", "tiny")(lambda **kw: None)
+        register("tokenizer", "tiny")(lambda: None)
+
+
+def test_expand_presets_fills_every_field_and_keeps_the_listed_ones() -> None:
+    tree = {
+        "model": {"init_args": {"tokenizer_config": {"preset": "s", "width": "${w}"}, "dit": {"depth": 2}}},
+        "callbacks": [{"dit": {"preset": "tiny"}}],
+    }
+    out = expand_presets(tree)
+    tok = out["model"]["init_args"]["tokenizer_config"]
+    assert tok == {**asdict(preset_config("tokenizer", "s")), "width": "${w}"}  # interpolations kept
+    assert out["model"]["init_args"]["dit"] == {"depth": 2}  # no preset named: left as written
+    assert out["callbacks"][0]["dit"] == asdict(preset_config("dit", "tiny"))
+    with pytest.raises(ValueError, match=re.escape("merge: {preset: ...} names no preset kind")):
+        expand_presets({"merge": {"preset": "s"}})
+    with pytest.raises(ValueError, match=r"tokenizer preset 'b' has no fields \['depth'\]"):
+        preset_config("tokenizer", "b", depth=3)

@@ -17,8 +17,9 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from vlt.adaptive.allocation import allocate, draw, tilt_to_budget
-from vlt.callbacks import TokenBudgetCallback, token_budget
-from vlt.metrics import FrechetDistance, build_fid
+from vlt.callbacks import TokenBudgetCallback
+from vlt.metrics import FrechetDistance, build_fid, psnr
+from vlt.metrics.budget import evaluator
 
 
 class Shapes(Dataset):
@@ -160,7 +161,7 @@ def counting_fid() -> tuple[FrechetDistance, list[int]]:
 
 def test_real_stats_cached_across_evaluations_and_runs(tmp_path, monkeypatch):
     fids = [counting_fid(), counting_fid()]
-    monkeypatch.setattr(token_budget, "build_fid", lambda *args: fids.pop(0)[0])
+    monkeypatch.setattr(evaluator, "build_fid", lambda *args: fids.pop(0)[0])
     counts = [fids[0][1], fids[1][1]]
     fit(tmp_path, TensorBoardLogger(tmp_path, name="a", version=""), metrics=["rfid"])
     cache_files = list((tmp_path / "fid_cache").glob("*.npz"))
@@ -242,7 +243,7 @@ def test_adaptive_rows_follow_the_oracle_allocation(tmp_path, objective):
     model = TinyAutoencoder().eval()  # the same weights validate() scored
     with torch.no_grad():
         curves = torch.stack(
-            [token_budget.psnr(model.budget_reconstruct(images, k).clamp(-1, 1), images) for k in (4, 16)], 1
+            [psnr(model.budget_reconstruct(images, k).clamp(-1, 1), images) for k in (4, 16)], 1
         ).double()  # (16, 2) per-image PSNR at K = 4, 16
     mse = torch.pow(10.0, -curves / 10)
     fixed = {int(r["k"]): r for r in rows if r["mode"] == "fixed"}

@@ -5,7 +5,7 @@ column per metric (psnr, rfid_proxy, gfid_proxy_w1.5, gfd_vltnet, ...). A metric
 the half-width of its interval in `c_ci` (drawn as error bars, printed as `mean ± half-width`) and a
 generation column its own FLOPs in `flops_c` (sampling costs differ between guidance scales).
 Rows carry a `mode`: "fixed" (one K for every image), or "adaptive" / "adaptive-k2" (per-image K at a
-mean budget `k`, see `vlt.callbacks.adaptive_budget`); each mode is drawn as its own line.
+mean budget `k`, see `vlt.metrics.budget.adaptive`); each mode is drawn as its own line.
 
     vlt curves --runs '[runs/a, runs/b]' --out curves.png [--metric rfid_proxy]
 """
@@ -20,10 +20,11 @@ from typing import Any, Literal
 
 from matplotlib.figure import Figure
 
+from vlt.metrics.budget.scalars import BASE_COLUMNS
+
 CURVES_DIR = "curves"
 CSV_NAME = "budget.csv"
 JSON_NAME = "budget_latest.json"
-BASE_COLUMNS = ("step", "epoch", "k", "tokens", "flops", "mode", "budget", "lambda", "k_rms")
 Row = Mapping[str, Any]
 
 

@@ -16,11 +16,13 @@ from pathlib import Path
 from typing import Any
 
 import jsonargparse
+import yaml
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from vlt import console, runs
 from vlt.callbacks.progress import ProgressLines, by_k, headline
 from vlt.checkpoints import load_checkpoint
+from vlt.models.registry import expand_presets
 from vlt.paths import check_name
 
 # Model init args that name a checkpoint file, and the stage that file must be.
@@ -40,6 +42,7 @@ class VLTCLI(LightningCLI):
         console.quiet_third_party()
         # Relative paths inside configs resolve against the working directory, also under subcommands.
         jsonargparse.set_parsing_settings(omegaconf_absolute_to_relative_paths=True)
+        load_presets_in_configs()
         super().__init__(
             model_class=None,
             datamodule_class=None,
@@ -107,6 +110,24 @@ class VLTCLI(LightningCLI):
 
     def before_validate(self) -> None:
         check_ckpt_path(self.config_init[self.subcommand].get("ckpt_path"), self.model)
+
+
+def load_presets_in_configs() -> None:
+    """Config mappings that name a registry preset (`dit: {preset: s, num_classes: 1000}`) load as every
+    field of the preset plus the listed ones (`vlt.models.registry.expand_presets`), before any parsing:
+    `--print_config` and the saved config.yaml show the effective values, overrides merge as usual."""
+    from jsonargparse._loaders_dumpers import set_omegaconf_loader  # the loader is made on first use
+
+    set_omegaconf_loader("omegaconf+")
+    base = jsonargparse.get_loader("omegaconf+")
+    if getattr(base, "expands_presets", False):
+        return
+
+    def load(value: str) -> Any:
+        return expand_presets(base(value))
+
+    load.expands_presets = True  # type: ignore[attr-defined]
+    jsonargparse.set_loader("omegaconf+", load, (yaml.YAMLError, ValueError))
 
 
 def check_checkpoint_args(model: Any) -> None:

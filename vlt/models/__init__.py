@@ -4,7 +4,7 @@ the global merge pattern, presets."""
 from vlt.models.dit import DiT, DiTConfig
 from vlt.models.merging import Merger, MergeResult, alignment_loss, hierarchy, straight_through
 from vlt.models.pattern import MergePattern
-from vlt.models.registry import create, list_presets, register
+from vlt.models.registry import create, expand_presets, list_presets, preset_config, register
 from vlt.models.tokenizer import Encoded, Tokenizer, TokenizerConfig
 
 __all__ = [
@@ -18,8 +18,10 @@ __all__ = [
     "TokenizerConfig",
     "alignment_loss",
     "create",
+    "expand_presets",
     "hierarchy",
     "list_presets",
+    "preset_config",
     "register",
     "straight_through",
 ]

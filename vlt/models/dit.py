@@ -19,7 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from vlt.models.merge_ops import merge
-from vlt.models.registry import register
+from vlt.models.registry import register, register_model
 from vlt.nn.attention import Attention, size_bias
 from vlt.nn.mlp import SwiGLU
 from vlt.nn.modulation import AdaLN, LabelEmbedder, ScalarEmbedder, modulate
@@ -244,32 +244,34 @@ class DiT(nn.Module):
 
 
 # --- presets: (width, depth, heads) as in DiT/LightningDiT; N and C match the tokenizer presets ---
-def _preset(width: int, depth: int, heads: int, n_slots: int, channels: int, overrides: dict) -> DiT:
-    base = {"width": width, "depth": depth, "heads": heads, "n_slots": n_slots, "channels": channels}
-    return DiT(DiTConfig(**{**base, **overrides}))
+register_model("dit", DiT)
+
+
+def _preset(width: int, depth: int, heads: int, n_slots: int, channels: int) -> DiTConfig:
+    return DiTConfig(width=width, depth=depth, heads=heads, n_slots=n_slots, channels=channels)
 
 
 @register("dit", "tiny")
-def dit_tiny(**overrides) -> DiT:
+def dit_tiny() -> DiTConfig:
     """Tiny DiT for CPU demos on the tiny tokenizer (N=32, C=16)."""
-    return _preset(128, 4, 4, 32, 16, overrides)
+    return _preset(128, 4, 4, 32, 16)
 
 
 @register("dit", "s")
-def dit_s(**overrides) -> DiT:
-    return _preset(384, 12, 6, 256, 32, overrides)
+def dit_s() -> DiTConfig:
+    return _preset(384, 12, 6, 256, 32)
 
 
 @register("dit", "b")
-def dit_b(**overrides) -> DiT:
-    return _preset(768, 12, 12, 256, 32, overrides)
+def dit_b() -> DiTConfig:
+    return _preset(768, 12, 12, 256, 32)
 
 
 @register("dit", "l")
-def dit_l(**overrides) -> DiT:
-    return _preset(1024, 24, 16, 256, 32, overrides)
+def dit_l() -> DiTConfig:
+    return _preset(1024, 24, 16, 256, 32)
 
 
 @register("dit", "xl")
-def dit_xl(**overrides) -> DiT:
-    return _preset(1152, 28, 16, 256, 32, overrides)
+def dit_xl() -> DiTConfig:
+    return _preset(1152, 28, 16, 256, 32)

@@ -10,7 +10,7 @@ always sees N slots: merged tokens are unmerged (broadcast back) before decoding
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any, Literal, NamedTuple
 
 import torch
@@ -19,7 +19,7 @@ from einops import rearrange
 from torch import Tensor, nn
 
 from vlt.models.bottleneck import make_bottleneck
-from vlt.models.registry import register
+from vlt.models.registry import register, register_model
 from vlt.nn.flops import transformer_flops
 from vlt.nn.posemb import sincos_2d
 from vlt.nn.vit import Transformer
@@ -186,33 +186,31 @@ class ConvRefine(nn.Module):
         return 2 * size * size * 9 * 2 * 3 * self.inp.out_channels
 
 
-def _build(base: TokenizerConfig, overrides: dict[str, Any]) -> Tokenizer:
-    return Tokenizer(replace(base, **overrides))
+# --- presets: one-line configs; `vlt.models.create("tokenizer", name)` builds them ---
+register_model("tokenizer", Tokenizer)
 
 
 @register("tokenizer", "tiny")
-def tiny(**overrides: Any) -> Tokenizer:
+def tiny() -> TokenizerConfig:
     """32x32, patch 4 (P=64), width 64, depth 2+2, N=32, C=16, LayerNorm bottleneck, O(1) init."""
-    return _build(TokenizerConfig(), overrides)
+    return TokenizerConfig()
 
 
 @register("tokenizer", "s")
-def s(**overrides: Any) -> Tokenizer:
+def s() -> TokenizerConfig:
     """256x256, patch 16 (P=256), a ViT-S encoder and a ViT-S decoder (384 wide, 12+12, 6 heads),
     N=256, C=16, KL bottleneck, paper init."""
-    base = TokenizerConfig(
+    return TokenizerConfig(
         image_size=256, patch_size=16, width=384, enc_depth=12, dec_depth=12, heads=6,
         n_slots=256, channels=16, bottleneck="kl", init="paper",
     )  # fmt: skip
-    return _build(base, overrides)
 
 
 @register("tokenizer", "b")
-def b(**overrides: Any) -> Tokenizer:
+def b() -> TokenizerConfig:
     """256x256, patch 16 (P=256), a ViT-B encoder and a ViT-B decoder (768 wide, 12+12, 12 heads),
     N=256, C=32, KL bottleneck, paper init."""
-    base = TokenizerConfig(
+    return TokenizerConfig(
         image_size=256, patch_size=16, width=768, enc_depth=12, dec_depth=12, heads=12,
         n_slots=256, channels=32, bottleneck="kl", init="paper",
     )  # fmt: skip
-    return _build(base, overrides)

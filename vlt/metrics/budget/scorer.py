@@ -1,4 +1,4 @@
-"""Scores of one evaluated image set for the token-budget callback: features in, estimates out.
+"""Scores of one evaluated image set for the budget evaluator: features in, estimates out.
 
 Letters: B batch, T images (all ranks), F features.
 
@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from vlt.callbacks.budget_data import gather_rows
+from vlt.metrics.budget.distributed import gather_rows
 from vlt.metrics.fid import metric_name
 from vlt.metrics.intervals import Estimate, bootstrap
 from vlt.metrics.scores import FeatureSet, fd_to_features, score, sqrt_psd
