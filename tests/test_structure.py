@@ -28,7 +28,9 @@ def _imports() -> dict[str, set[str]]:
     for name, path in modules.items():
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("vlt"):
-                targets = [node.module, *(f"{node.module}.{a.name}" for a in node.names)]
+                # `from vlt import console` imports the module vlt.console, not names of vlt/__init__.
+                subs = [f"{node.module}.{a.name}" for a in node.names if f"{node.module}.{a.name}" in modules]
+                targets = subs if len(subs) == len(node.names) else [node.module, *subs]
             elif isinstance(node, ast.Import):
                 targets = [a.name for a in node.names if a.name.startswith("vlt")]
             else:

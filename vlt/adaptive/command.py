@@ -207,21 +207,18 @@ def allocate(
     )
     tb = write_histograms(Path(log_dir) if log_dir else root / "tb", run_name, curves, ks, meta)
     print(table(meta))
+    _summary(root, ks, meta, tb)
+    return meta
+
+
+def _summary(root: Path, ks: dict, meta: dict, tb: Path) -> None:
     console.summary(
         f"allocate: K_i for {sum(len(k) for k in ks.values())} images",
         where=root,
-        files=[
-            "allocation.json",
-            *(f"k-{s}.npz" for s in SPLITS),
-            str(tb.relative_to(root) if tb.is_relative_to(root) else tb),
-        ],
+        files=["allocation.json", *(f"k-{s}.npz" for s in SPLITS), str(tb)],
         numbers={f"mean K ({s})": meta["mean_k"][s] for s in SPLITS},
-        next_steps=[
-            f"make train-dit-adaptive ADAPTIVE={root}",
-            f".venv/bin/tensorboard --logdir {tb}  (K_i histograms)",
-        ],
+        next_steps=[f"make train-dit-adaptive ADAPTIVE={root}", f".venv/bin/tensorboard --logdir {tb}"],
     )
-    return meta
 
 
 def _search_lambda(true_d: dict, grid: list[int], rule: Rule, budget: float | None, cost: A.Cost):

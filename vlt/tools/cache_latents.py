@@ -93,10 +93,16 @@ def _finish(
     seconds = round(time.time() - meta.pop("start"), 1)
     meta |= {"n_slots": cfg.n_slots, "channels": cfg.channels, "samples": totals.count, "seconds": seconds}
     cache.finish(split, rank, {**meta, "distortion_grid": grid})
-    print(
-        f"cache-latents: {totals.count} {split} latents ({cfg.n_slots}x{cfg.channels}) on rank "
-        f"{rank}/{meta['world_size']}, {meta['skipped']} skipped, {seconds} s -> {cache.root}"
+    line = (
+        f"{totals.count} {split} latents ({cfg.n_slots}x{cfg.channels}) on rank {rank}/{meta['world_size']}, "
+        f"{meta['skipped']} skipped, {seconds} s"
     )
+    if rank:
+        print(f"cache-latents: {line} -> {cache.root}")
+        return
+    nxt = "make train-dit" if split != "train" else f"vlt cache-latents ... --split val --out {cache.root}"
+    files = sorted(p.name for p in cache.root.iterdir() if split in p.name)
+    console.summary(f"cache-latents: {line}", where=cache.root, files=files, next_steps=[nxt])
 
 
 def cache_latents(
@@ -148,29 +154,14 @@ def cache_latents(
         wds.ShardWriter(cache.shard_pattern(split, rank), maxcount=shard_size, verbose=0) as sink,
         torch.no_grad(),
     ):
-        batches = console.progress(
-            data.val_dataloader(),
-            total=_batches(data.info, split, batch_size, world),
-            desc=f"cache-latents {split}",
-        )
-        for batch in batches:
+        total = _batches(data.info, split, batch_size, world)
+        for batch in console.progress(data.val_dataloader(), total=total, desc=f"cache-latents {split}"):
             where = f"cache-latents of {shards}"
             check_labels(batch.label, data_classes(data.info), where=where, keys=batch.key)
             _write_batch(model, batch, grid, sink, totals, flip)
     meta = {"tokenizer": str(tokenizer), "world_size": world, "skipped": data.skipped, "start": start}
     meta["flip"] = flip
     _finish(cache, split, rank, cfg, totals, grid, meta)
-    if rank == 0:
-        console.summary(
-            f"cache-latents {split}: {totals.count} images encoded",
-            where=cache.root,
-            files=sorted(p.name for p in cache.root.iterdir() if split in p.name),
-            next_steps=[
-                f"vlt cache-latents ... --split val --out {cache.root}"
-                if split == "train"
-                else "make train-dit"
-            ],
-        )
     return cache.root
 
 
