@@ -16,6 +16,7 @@ EXTRAS ?= dev,data
 #: ARGS    extra CLI overrides, e.g. ARGS="--trainer.max_steps=100"
 ARGS ?=
 #: LAUNCH  local (default) or slurm: where stage targets run
+#: VLT_QUIET=1 (environment) drops progress lines and summaries; VLT_PROGRESS_EVERY=N: seconds between lines
 LAUNCH ?= local
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.vlt-installed

@@ -84,9 +84,14 @@ def duration(seconds: float) -> str:
     return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
 
 
-def status_line(desc: str, done: int, total: int | None, elapsed: float, extra: str = "") -> str:
-    """'desc 120/512 (23%) 3.1 it/s ETA 2m06s extra': the one format of every status line."""
-    rate = done / elapsed if elapsed > 0 else 0.0
+def status_line(
+    desc: str, done: int, total: int | None, elapsed: float, extra: str = "", rate: float | None = None
+) -> str:
+    """'desc 120/512 (23%) 3.1 it/s ETA 2m06s elapsed 40s extra': the one format of every status line.
+
+    `rate` is the recent speed (default: the average since the start), which the ETA extrapolates."""
+    if rate is None:
+        rate = done / elapsed if elapsed > 0 else 0.0
     head = f"{desc} {done}/{total} ({100 * done / total:.0f}%)" if total else f"{desc} {done}"
     eta = f" ETA {duration((total - done) / rate)}" if total and rate > 0 and done < total else ""
     tail = f" {extra}" if extra else ""
@@ -94,14 +99,19 @@ def status_line(desc: str, done: int, total: int | None, elapsed: float, extra: 
 
 
 class StatusLines:
-    """A status line at most every `every` seconds (and at the end) to `stream`: progress on a pipe."""
+    """A status line at most every `every` seconds (and at the end) to `stream`: progress on a pipe.
 
-    def __init__(self, desc: str, total: int | None, every: float | None = None, stream: Any = None) -> None:
-        self.desc, self.total = desc, total
+    The speed shown (and the ETA) is that since the previous line, so a slow start or a validation pause
+    fades out of the estimate after one interval."""
+
+    def __init__(
+        self, desc: str, total: int | None, every: float | None = None, stream: Any = None, initial: int = 0
+    ) -> None:
+        self.desc, self.total, self.initial = desc, total, initial
         self.every = interval() if every is None else every
         self.stream = stream or sys.stdout
         self.start = self.last = time.monotonic()
-        self.done = 0
+        self.done = self.last_done = initial  # a resumed fit starts at its checkpoint's step
 
     @property
     def elapsed(self) -> float:
@@ -111,12 +121,10 @@ class StatusLines:
         self.done = done
         now = time.monotonic()
         if force or now - self.last >= self.every:
-            self.last = now
-            print(
-                status_line(self.desc, done, self.total, now - self.start, extra),
-                file=self.stream,
-                flush=True,
-            )
+            recent = (done - self.last_done) / (now - self.last) if now > self.last else 0.0
+            self.last, self.last_done = now, done
+            line = status_line(self.desc, done, self.total, now - self.start, extra, rate=recent)
+            print(line, file=self.stream, flush=True)
 
 
 def progress(iterable: Iterable[T], *, total: int | None = None, desc: str = "") -> Iterator[T]:
@@ -137,7 +145,8 @@ def progress(iterable: Iterable[T], *, total: int | None = None, desc: str = "")
         yield item
         done += 1
         lines.update(done)
-    lines.update(done, force=True)
+    if lines.last_done != done:  # the last line, unless it was just printed
+        lines.update(done, force=True)
 
 
 def summary(

@@ -50,7 +50,9 @@ class ProgressLines(pl.Callback):
             f"{trainer.default_root_dir} (`make tensorboard` to watch)",
             flush=True,
         )
-        self._lines = StatusLines(f"fit {self.name}: step", total, every=self.every)
+        self._lines = StatusLines(
+            f"fit {self.name}: step", total, every=self.every, initial=trainer.global_step
+        )
 
     @rank_zero_only
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
@@ -88,8 +90,8 @@ class ProgressLines(pl.Callback):
             print(f"fit {self.name}: {steps} steps in {duration(self._lines.elapsed)}", flush=True)
 
 
-# Logged names worth a headline: per-K PSNR and the token-budget scores, not tokens/FLOPs/intervals.
-_HEADLINE_PREFIXES = ("val/psnr@", "budget/")
+# Logged names worth a headline: per-K PSNR or loss and the token-budget scores, not tokens/FLOPs/intervals.
+_HEADLINE_PREFIXES = ("val/psnr@", "val/loss@", "budget/")
 _NOT_HEADLINE = ("budget/tokens", "budget/tflops", "budget/gen_tflops", "_ci", "_lo", "_hi")
 
 

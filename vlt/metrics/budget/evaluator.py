@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from vlt import console
 from vlt.metrics.budget.adaptive import generation_rows, reconstruction_rows
 from vlt.metrics.budget.data import evaluation_set, read_shard_images
 from vlt.metrics.budget.distributed import all_max, all_sum, gather_rows, world
@@ -114,7 +115,12 @@ class BudgetEvaluator(BudgetSettings):
         recon, gen = bool(set(RECONSTRUCTION) & set(run.metrics)), "gfid" in run.metrics
         run.scorer = self._prepare_scorer(run) if {"rfid", "gfid"} & set(run.metrics) else None
         rows, curves = [], []  # curves: per K, this rank's per-image PSNR (B,)
-        for k in self.ks:
+        ks = (
+            console.progress(self.ks, desc=f"budget curve ({', '.join(run.metrics)}): K")
+            if not run.rank
+            else self.ks
+        )
+        for k in ks:
             row: dict[str, Any] = {**run.base, "k": k, "mode": "fixed"}
             row["tokens"] = float(run.model.budget_tokens(k))
             values: dict[str, float] = {}  # column -> value
