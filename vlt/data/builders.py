@@ -18,12 +18,17 @@ from typing import Any
 
 import numpy as np
 from PIL import Image
-from tqdm import tqdm
 
+from vlt import console
 from vlt.data import folder as folder_lib
 from vlt.data import photos as photo_lib
 from vlt.data import synthetic as synthetic_lib
 from vlt.data.shards import SplitWriter
+
+
+def _bar(items, *, total: int, desc: str, show: bool):
+    """`vlt.console.progress` (a bar on a terminal, status lines on a pipe) when `show`, else the items."""
+    return console.progress(items, total=total, desc=desc) if show else items
 
 
 def _png(pixels: np.ndarray) -> bytes:
@@ -95,9 +100,7 @@ def synthetic(
     jobs += [(seed, "val", i, image_size, max_shapes) for i in range(n_val)]
     with SplitWriter(out, shard_size=shard_size) as writer, _pool(workers) as pool:
         samples = pool.imap(_synthetic_sample, jobs, chunksize=64) if pool else map(_synthetic_sample, jobs)
-        for split, i, image, label, meta in tqdm(
-            samples, total=len(jobs), desc="synthetic", disable=not progress, leave=False
-        ):
+        for split, i, image, label, meta in _bar(samples, total=len(jobs), desc="synthetic", show=progress):
             writer.write(split, f"{split}_{i:06d}", image=image, ext="png", label=label, meta=meta)
         info = {
             "builder": "synthetic",
@@ -128,7 +131,7 @@ def _write_crops(
 ):
     """Round-robin random crops of each split's source photos (label = index of the source)."""
     jobs = [(split, i) for split in ("train", "val") for i in range(counts[split] if by_split[split] else 0)]
-    for split, i in tqdm(jobs, desc="photos", disable=not progress, leave=False):
+    for split, i in _bar(jobs, total=len(jobs), desc="photos", show=progress):
         src = by_split[split][i % len(by_split[split])]
         rng = np.random.default_rng([seed, 0 if split == "train" else 1, i])
         crop = photo_lib.random_crop(src.pixels, rng, **crop_args)
@@ -230,7 +233,7 @@ def folder(
     with SplitWriter(out, shard_size=shard_size) as writer, _pool(workers) as pool:
         encode = folder_lib.encode_file
         results = pool.imap(encode, jobs, chunksize=16) if pool else map(encode, jobs)
-        for entry, data, ext, error in tqdm(results, total=len(jobs), desc="folder", disable=not progress):
+        for entry, data, ext, error in _bar(results, total=len(jobs), desc="folder", show=progress):
             if data is None:
                 skipped += 1
                 bad.append(f"{entry.path}: {error}")
