@@ -63,7 +63,7 @@ def test_finished_cache_is_not_overwritten(tiny_latents, tiny_tokenizer, tiny_sh
 def test_normalisation_is_applied_and_inverted(tiny_dit):
     gen = vlt_load(str(tiny_dit))
     assert not torch.allclose(gen.latent_std, torch.ones_like(gen.latent_std))
-    z = torch.randn(3, 32, 16)
+    z = torch.randn(3, 32, gen.dit.cfg.channels)
     assert torch.allclose(gen.denormalise(gen.normalise(z)), z, atol=1e-5)
 
 

@@ -58,7 +58,7 @@ def test_lgm_run_outputs_and_checkpoint_round_trip(tiny_tokenizer, tiny_shards):
         for k in (4, 16, 32):
             assert torch.allclose(a.reconstruct(x, k), b.reconstruct(x, k), atol=1e-6)
             tokens = b.tokenize(x, k)
-            assert tokens.tokens.shape == (4, k, 16) and tokens.sizes.sum() == 32
+            assert tokens.tokens.shape == (4, k, b.cfg.channels) and tokens.sizes.sum() == 32
             assert torch.allclose(b.detokenize(tokens.tokens), a.reconstruct(x, k), atol=1e-5)
 
 

@@ -34,9 +34,17 @@ def publish(trainer: pl.Trainer, name: str, tag: str, picture: np.ndarray) -> No
     writer = _tensorboard(trainer)
     if writer is not None:
         writer.add_image(tag, picture, step, dataformats="HWC")
-    folder = Path(trainer.log_dir or trainer.default_root_dir) / "panels"
+    folder = _run_dir(trainer) / "panels"
     save_png(picture, folder / f"{name}.png")
     save_png(picture, folder / f"{name}_step{step}.png")
+
+
+def _run_dir(trainer: pl.Trainer) -> Path:
+    """`trainer.log_dir` without its broadcast: the panels are written on rank zero alone, and a
+    collective called on one rank would hang a DDP run."""
+    logger = trainer.loggers[0] if trainer.loggers else None
+    folder = getattr(logger, "log_dir", None) or getattr(logger, "save_dir", None)
+    return Path(folder or trainer.default_root_dir)
 
 
 def class_names(labels: Tensor, names: list[str] | None) -> list[str]:
