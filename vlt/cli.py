@@ -159,12 +159,5 @@ def main(argv: list[str] | None = None) -> None:
     VLTCLI(args=args)
 
 
-def __getattr__(name: str) -> Any:
-    """`vlt.cli.VLTCLI` and the config checks still resolve, from `vlt.lit.cli` (imports Lightning)."""
-    if name in ("VLTCLI", "check_checkpoint_args", "check_ckpt_path", "resolve_model_sources"):
-        return getattr(importlib.import_module("vlt.lit.cli"), name)
-    raise AttributeError(f"module 'vlt.cli' has no attribute {name!r}")
-
-
 if __name__ == "__main__":
     main()

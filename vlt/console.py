@@ -26,11 +26,11 @@ from typing import Any, TypeVar
 T = TypeVar("T")
 
 # (message regex, category name, why it is harmless here), filtered one by one.
-HARMLESS_WARNINGS: list[tuple[str, str, str]] = [
-    (r".*isinstance\(treespec, LeafSpec\)", "FutureWarning", "lightning's own use of torch's pytree API"),
-    (r".*LightningCLI's args parameter", "UserWarning", "vlt passes argv to LightningCLI on purpose"),
-    (r".*skip_none parameter was deprecated", "", "jsonargparse internals called by Lightning"),
-    (r".*is smaller than the logging interval", "UserWarning", "short tiny runs log less often than asked"),
+HARMLESS_WARNINGS: list[tuple[str, type[Warning], str]] = [
+    (r".*isinstance\(treespec, LeafSpec\)", FutureWarning, "lightning's own use of torch's pytree API"),
+    (r".*LightningCLI's args parameter", UserWarning, "vlt passes argv to LightningCLI on purpose"),
+    (r".*skip_none parameter was deprecated", Warning, "jsonargparse internals called by Lightning"),
+    (r".*is smaller than the logging interval", UserWarning, "short tiny runs log less often than asked"),
 ]
 # Log records (Lightning's info lines) that advertise services rather than report on the run.
 HARMLESS_LOG_PREFIXES: tuple[str, ...] = ("💡 Tip:",)
@@ -61,11 +61,8 @@ class _DropTips(logging.Filter):
 
 def quiet_third_party() -> None:
     """Install the named filters above (idempotent). Real warnings keep showing."""
-    import builtins
-
     for message, category, _why in HARMLESS_WARNINGS:
-        cls = getattr(builtins, category) if category else Warning
-        warnings.filterwarnings("ignore", message=message, category=cls)
+        warnings.filterwarnings("ignore", message=message, category=category)
     if "SLURM_JOB_ID" not in os.environ:
         warnings.filterwarnings("ignore", message=SRUN_HINT)
     for name in ("lightning.pytorch", "lightning.fabric", "lightning"):
@@ -107,18 +104,17 @@ class StatusLines:
     def __init__(
         self, desc: str, total: int | None, every: float | None = None, stream: Any = None, initial: int = 0
     ) -> None:
-        self.desc, self.total, self.initial = desc, total, initial
+        self.desc, self.total = desc, total
         self.every = interval() if every is None else every
         self.stream = stream or sys.stdout
         self.start = self.last = time.monotonic()
-        self.done = self.last_done = initial  # a resumed fit starts at its checkpoint's step
+        self.last_done = initial  # a resumed fit starts at its checkpoint's step
 
     @property
     def elapsed(self) -> float:
         return time.monotonic() - self.start
 
     def update(self, done: int, extra: str = "", *, force: bool = False) -> None:
-        self.done = done
         now = time.monotonic()
         if force or now - self.last >= self.every:
             recent = (done - self.last_done) / (now - self.last) if now > self.last else 0.0

@@ -9,9 +9,9 @@ import lightning as L
 import pytest
 import torch
 
-from vlt import cli, runs
+from vlt import runs
 from vlt.checkpoints import UnsafeCheckpointError, WrongStageError, checkpoint_stage, load_checkpoint
-from vlt.lit import LitDiT, LitJoint, LitTokenizer
+from vlt.lit import LitDiT, LitJoint, LitTokenizer, cli
 from vlt.models.tokenizer import TokenizerConfig
 from vlt.specs import MergeSpec
 from vlt.stages import load

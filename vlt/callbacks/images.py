@@ -28,23 +28,15 @@ def _tensorboard(trainer: pl.Trainer):
     return None
 
 
-def publish(trainer: pl.Trainer, name: str, tag: str, picture: np.ndarray) -> None:
+def publish(trainer: pl.Trainer, run_dir: str, name: str, tag: str, picture: np.ndarray) -> None:
     """One panel to TensorBoard (under `tag`) and to <run>/panels/<name>.png and <name>_step<N>.png."""
     step = trainer.global_step
     writer = _tensorboard(trainer)
     if writer is not None:
         writer.add_image(tag, picture, step, dataformats="HWC")
-    folder = _run_dir(trainer) / "panels"
+    folder = Path(run_dir) / "panels"
     save_png(picture, folder / f"{name}.png")
     save_png(picture, folder / f"{name}_step{step}.png")
-
-
-def _run_dir(trainer: pl.Trainer) -> Path:
-    """`trainer.log_dir` without its broadcast: the panels are written on rank zero alone, and a
-    collective called on one rank would hang a DDP run."""
-    logger = trainer.loggers[0] if trainer.loggers else None
-    folder = getattr(logger, "log_dir", None) or getattr(logger, "save_dir", None)
-    return Path(folder or trainer.default_root_dir)
 
 
 def class_names(labels: Tensor, names: list[str] | None) -> list[str]:
@@ -71,6 +63,7 @@ class ReconstructionImages(pl.Callback):
     @torch.no_grad()
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         batch, self._batch = self._batch, None
+        run_dir = trainer.log_dir or trainer.default_root_dir  # a broadcast under DDP: every rank must ask
         if batch is None or not trainer.is_global_zero or trainer.sanity_checking:
             return
         images, labels = batch
@@ -81,11 +74,11 @@ class ReconstructionImages(pl.Callback):
             col_labels=class_names(labels, _classes(trainer)),
             title=f"reconstructions at step {trainer.global_step} (EMA weights when EMA is on)",
         )
-        publish(trainer, "reconstructions", "images/reconstructions", picture)
+        publish(trainer, run_dir, "reconstructions", "images/reconstructions", picture)
         pattern = pl_module.pattern()
         if pattern is not None:
             assign = {k: pattern.assignment(k).cpu().numpy() for k in pattern.ks}
-            publish(trainer, "merge_pattern", "images/merge_pattern", pattern_panel(assign))
+            publish(trainer, run_dir, "merge_pattern", "images/merge_pattern", pattern_panel(assign))
 
 
 class SampleImages(pl.Callback):
@@ -102,6 +95,7 @@ class SampleImages(pl.Callback):
 
     @torch.no_grad()
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        run_dir = trainer.log_dir or trainer.default_root_dir  # a broadcast under DDP: every rank must ask
         if not trainer.is_global_zero or trainer.sanity_checking:
             return
         model = pl_module.generator
@@ -116,7 +110,7 @@ class SampleImages(pl.Callback):
             col_labels=class_names(labels, _classes(trainer)),
             title=f"samples at step {trainer.global_step}, seed {self.seed}, {self.steps} steps",
         )
-        publish(trainer, "samples", "images/samples", picture)
+        publish(trainer, run_dir, "samples", "images/samples", picture)
 
 
 def _classes(trainer: pl.Trainer) -> list[str] | None:
