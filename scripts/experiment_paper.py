@@ -1,23 +1,28 @@
 """The paper's Table 1 / 3 / 4 analogues on the embedded data (tiny, CPU): `make experiment-paper`.
 
-    .venv/bin/python scripts/experiment_paper.py [--out runs/experiment-paper] [--tok-steps N] [--dit-steps N]
+    .venv/bin/python scripts/experiment_paper.py [--out runs/experiment-paper] [--train-seeds 2] ...
 
-Steps, each skipped when its output exists (--fresh redoes them):
+Phases, each skipped when its output exists (--fresh redoes them); results.md is rewritten after each:
 
-1. Tokenizers (conf/tokenizer/tiny.yaml, equal steps): LGM, nested dropout, and the Table 3 ablations of
-   LGM that fit: no alignment loss, 4 merge blocks instead of 1, no exploration noise.
-2. Stage-1 validation of each (PSNR per K, merged-pair cosine vs all-pair cosine: the Table 4 analogue),
-   with a TokenBudgetCallback that also caches the real statistics gfid needs.
-3. Latent caches (with flipped latents) and a DiT (conf/dit/tiny.yaml, equal steps) per training seed on
-   the LGM and the nested-dropout tokenizer: one DiT for every K in each.
-4. gfid at every K over `--noise-seeds` noise seeds and a sweep of guidance scales, through
-   `TokenBudgetCallback` (extractor EXTRACTOR: one line to change for another feature net).
-5. `results.md` (mean +- 95% t-interval over seeds) and the curve files beside it; the wall time.
+1. Tokenizers (conf/tokenizer/tiny.yaml, equal steps): LGM and nested dropout (--reuse takes finished
+   ones, e.g. the checkpoints of `make train-tokenizer`).
+2. Latent caches (with flipped latents) and DiTs (conf/dit/tiny.yaml, equal steps), one per training
+   seed on each tokenizer: one DiT for every K in each.
+3. A guidance sweep on the seed-0 DiTs: `--sweep` scales at every K, under the paper's sampler
+   (timestep shift 0.3, guidance for t in [0.1, 1], 24 Euler steps) and the uniform one (LGM only);
+   the sampler with the lower mean best distance is used from then on, and each generator's best w
+   per K becomes its per-K scale (`cfg_scales: [1, config]` in the budget evaluation).
+4. Table 1: the vltnet scores (fd, kid, class accuracy) of every DiT at every K, at w = 1 and at the
+   swept w, over `--noise-seeds` noise seeds; mean ± 95% t-interval over all (training x noise) seeds,
+   the per-training-seed means, and Welch's t-test of LGM against nested dropout at each K.
+5. Table 3 / 4: stage-1 PSNR, rfd_vltnet and merged-pair vs all-pair cosine of the tokenizers and the
+   ablations of LGM (no alignment loss, 4 merge blocks, no exploration noise) at equal steps.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import shutil
@@ -29,9 +34,11 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 VLT = [sys.executable, "-m", "vlt.cli"]
-EXTRACTOR = "proxy"  # the feature net of every FID-like number here; metric names carry it
-GFID = f"gfid_{EXTRACTOR}" if EXTRACTOR != "inception" else "gfid"
 KS = [4, 8, 16, 32]
+FEATURES = "data/features"
+PRIMARY = "gfd_vltnet"  # the distance every decision here is read from (issue: metrics)
+SCORES = {"gfd_vltnet": "fd_vltnet (lower is better)", "gkid_vltnet": "kid_vltnet x 1e3 (lower is better)",
+          "gclass_acc_vltnet": "class accuracy (higher is better)"}  # fmt: skip
 TOKENIZERS = {  # name -> overrides of conf/tokenizer/tiny.yaml
     "lgm": [],
     "nested": ["--model.init_args.merge.mode=nested"],
@@ -40,7 +47,10 @@ TOKENIZERS = {  # name -> overrides of conf/tokenizer/tiny.yaml
     "lgm-no-noise": ["--model.init_args.merge.noise=0.0"],
 }
 GENERATORS = ("lgm", "nested")
-T95 = {1: 12.71, 2: 4.30, 3: 3.18, 4: 2.78, 5: 2.57, 6: 2.45, 7: 2.36, 8: 2.31, 9: 2.26}
+SAMPLERS = {  # FlowSpec fields of each sampler the sweep compares
+    "paper": {"sample_steps": 24, "timestep_shift": 0.3, "cfg_interval": (0.1, 1.0)},
+    "uniform": {"sample_steps": 25, "timestep_shift": 1.0, "cfg_interval": None},
+}
 
 
 def run(args: list[str]) -> None:
@@ -69,16 +79,23 @@ def cache(tokenizer: Path, latents: Path, fresh: bool) -> Path:
     return latents
 
 
-def validate(module, data, name: str, out: Path, **callback_args) -> tuple[dict, list[dict]]:
-    """`trainer.validate` with a TokenBudgetCallback: (the module's logged metrics, the curve rows)."""
+def validate(module, data, name: str, out: Path, fresh: bool, **callback_args) -> tuple[dict, list[dict]]:
+    """`trainer.validate` with a TokenBudgetCallback: (the module's logged metrics, the curve rows),
+    read back from `out/name` when an earlier run of this script left them."""
+    done = out / name / "evaluation.json"
+    if done.exists() and not fresh:
+        saved = json.loads(done.read_text())
+        return saved["logged"], saved["rows"]
     import lightning as L
     from lightning.pytorch.loggers import TensorBoardLogger
 
+    from vlt import console
     from vlt.callbacks import TokenBudgetCallback
 
+    console.quiet_third_party()  # the filters `vlt` applies, for the Trainers run in this process
     callback = TokenBudgetCallback(
-        extractor=EXTRACTOR, cache_dir=str(ROOT / "runs" / ".fid_cache"), dataset_id="synthetic-val",
-        **callback_args,
+        cache_dir=str(ROOT / "runs" / ".fid_cache"), dataset_id="synthetic-val", feature_net=FEATURES,
+        feature_scores=["fd", "kid", "class_acc"], **callback_args,
     )  # fmt: skip
     shutil.rmtree(out / name, ignore_errors=True)
     trainer = L.Trainer(
@@ -86,12 +103,13 @@ def validate(module, data, name: str, out: Path, **callback_args) -> tuple[dict,
         callbacks=[callback], enable_progress_bar=False, enable_model_summary=False,
         enable_checkpointing=False,
     )  # fmt: skip
-    logged = trainer.validate(module, datamodule=data, verbose=False)[0]
+    logged = {k: float(v) for k, v in trainer.validate(module, datamodule=data, verbose=False)[0].items()}
     rows = json.loads((out / name / "curves" / "budget_latest.json").read_text())["rows"]
-    return {k: float(v) for k, v in logged.items()}, rows
+    done.write_text(json.dumps({"logged": logged, "rows": rows}))
+    return logged, rows
 
 
-def stage1(ckpt: Path, name: str, out: Path) -> dict:
+def stage1(ckpt: Path, name: str, out: Path, fresh: bool) -> dict:
     from vlt.data import WebDataModule
     from vlt.lit import LitTokenizer
 
@@ -100,150 +118,281 @@ def stage1(ckpt: Path, name: str, out: Path) -> dict:
         val="data/synthetic/shards/val-*.tar", image_size=32, val_batch_size=256, num_workers=0
     )
     logged, rows = validate(
-        model, data, f"stage1-{name}", out, ks=KS, metrics=["psnr", "rfid"], num_images=512, batch_size=256
-    )
+        model, data, f"stage1-{name}", out, fresh, ks=KS, metrics=["psnr", "rfid"], num_images=512,
+        batch_size=256,
+    )  # fmt: skip
     return {"logged": logged, "rows": rows}
 
 
-def stage2(
-    ckpt: Path, latents: Path, name: str, out: Path, seeds: int, scales: list[float]
-) -> list[list[dict]]:
-    from vlt.data import WebDataModule
+def load_dit(ckpt: Path, sampler: str, scales: dict[int, float] | None = None):
+    """The stage-2 module with `sampler`'s time grid and, when given, per-K guidance scales."""
     from vlt.lit import LitDiT
 
     model = LitDiT.load_from_checkpoint(str(ckpt), map_location="cpu")
+    gen = model.generator
+    gen.spec = dataclasses.replace(gen.spec, **SAMPLERS[sampler], cfg_scales=scales)
+    return model
+
+
+def stage2(model, latents: Path, name: str, out: Path, fresh: bool, **callback_args) -> list[dict]:
+    from vlt.data import WebDataModule
+
     data = WebDataModule(kind="latents", val=str(latents / "val-*.tar"), val_batch_size=512, num_workers=0)
-    return [
-        validate(
-            model,
-            data,
-            f"{name}-noise{seed}",
-            out,
-            ks=model.ks,
-            metrics=["gfid"],
-            cfg_scales=scales,
-            num_images=512,
-            batch_size=128,
-            resolution=32,
-            seed=seed,
-        )[1]
-        for seed in range(seeds)
-    ]
+    return validate(
+        model, data, name, out, fresh, ks=model.ks, metrics=["gfid"], batch_size=128, resolution=32,
+        real_shards="data/synthetic/shards/val-*.tar", **callback_args,
+    )[1]  # fmt: skip
 
 
-def interval(values: list[float]) -> str:
-    """mean +- the 95% t-interval half-width (n - 1 degrees of freedom)."""
+# ---------------------------------------------------------------------------------------------- stats
+def t95(df: int) -> float:
+    from scipy import stats
+
+    return float(stats.t.ppf(0.975, df))
+
+
+def interval(values: list[float], scale: float = 1.0, digits: int = 2) -> str:
+    """mean ± the 95% t-interval half-width (n - 1 degrees of freedom)."""
+    values = [v * scale for v in values]
     if not values:
         return "-"
     if len(values) == 1:
-        return f"{values[0]:.1f}"
-    half = T95.get(len(values) - 1, 1.96) * statistics.stdev(values) / math.sqrt(len(values))
-    return f"{statistics.mean(values):.1f} ± {half:.1f}"
+        return f"{values[0]:.{digits}f}"
+    half = t95(len(values) - 1) * statistics.stdev(values) / math.sqrt(len(values))
+    return f"{statistics.mean(values):.{digits}f} ± {half:.{digits}f}"
 
 
-def gfid_values(runs: list[list[dict]], k: int, scale: float, n_scales: int) -> list[float]:
-    column = GFID + (f"_w{scale:g}" if n_scales > 1 else "")
-    return [float(r[column]) for rows in runs for r in rows if int(float(r["k"])) == k and r.get(column)]
+def welch(a: list[float], b: list[float]) -> tuple[float, float, float]:
+    """(mean a - mean b, its 95% Welch half-width, two-sided p)."""
+    from scipy import stats
+
+    va, vb = statistics.variance(a) / len(a), statistics.variance(b) / len(b)
+    d = statistics.mean(a) - statistics.mean(b)
+    if va + vb == 0:  # constant values (e.g. a saturated accuracy): no spread to test against
+        return d, 0.0, 1.0 if d == 0 else 0.0
+    df = (va + vb) ** 2 / (va**2 / (len(a) - 1) + vb**2 / (len(b) - 1))
+    p = float(stats.ttest_ind(a, b, equal_var=False).pvalue)
+    return d, t95(max(int(df), 1)) * math.sqrt(va + vb), p
 
 
-def table1(gfid: dict[str, list[list[dict]]], scales: list[float]) -> list[str]:
-    """One row per (pattern, w): gfid at every K, mean ± interval over noise (x training) seeds."""
-    n = len(next(iter(gfid.values())))
+def column(rows: list[dict], k: int, name: str) -> float | None:
+    for r in rows:
+        if int(float(r["k"])) == k and r.get("mode", "fixed") == "fixed" and r.get(name) not in (None, ""):
+            return float(r[name])
+    return None
+
+
+# ---------------------------------------------------------------------------------------------- tables
+def sweep_table(title: str, rows: list[dict], scales: list[float]) -> list[str]:
+    lines = [f"#### {title}", "", "| w | " + " | ".join(f"K={k}" for k in KS) + " |", "|---:|" + "---|" * len(KS)]
+    for w in scales:
+        cells = []
+        for k in KS:
+            mean, half = column(rows, k, f"{PRIMARY}_w{w:g}"), column(rows, k, f"{PRIMARY}_w{w:g}_ci")
+            cells.append("-" if mean is None else f"{mean:.2f} ± {half:.2f}" if half else f"{mean:.2f}")
+        lines.append(f"| {w:g} | " + " | ".join(cells) + " |")
+    return lines + [""]
+
+
+def best_scales(rows: list[dict], scales: list[float]) -> dict[int, float]:
+    """The w of the lowest primary distance at each K."""
+    return {k: min(scales, key=lambda w: column(rows, k, f"{PRIMARY}_w{w:g}") or math.inf) for k in KS}
+
+
+def table1(runs: dict[str, dict[int, list[list[dict]]]], best: dict[str, dict[int, float]], seeds: str, images: int) -> list[str]:
     lines = [
-        f"## Table 1 analogue: one DiT for every K ({GFID}, 512 samples, mean ± 95% t-interval over {n} "
-        "seeds: noise seeds x training seeds)",
+        f"## Table 1 analogue: one DiT for every K, vltnet scores of {images} samples per seed "
+        f"(mean ± 95% t-interval over {seeds})",
         "",
-        "| tokenizer | w | " + " | ".join(f"K={k}" for k in KS) + " |",
-        "|---|---:|" + "---|" * len(KS),
     ]
-    for name, runs in gfid.items():
-        for w in scales:
-            cells = [interval(gfid_values(runs, k, w, len(scales))) for k in KS]
-            lines.append(f"| {name} | {w:g} | " + " | ".join(cells) + " |")
-    lines += [
-        "",
-        "Paper (ImageNet 256, DiT-B, K = 32 / 64 / 128): LGM 3.19 / 3.09 / 2.79; nested 5.21 / 5.01 / 4.69.",
-    ]
+    for metric, what in SCORES.items():
+        scale = 1e3 if "kid" in metric else 1.0
+        lines += [f"### {what}", "", "| tokenizer | w | " + " | ".join(f"K={k}" for k in KS) + " |",
+                  "|---|---|" + "---|" * len(KS)]  # fmt: skip
+        for w in ("w1", "wcfg"):
+            for name, per_seed in runs.items():
+                label = "1" if w == "w1" else "swept: " + "/".join(f"{best[name][k]:g}" for k in KS)
+                cells = [interval(values(per_seed, k, f"{metric}_{w}"), scale) for k in KS]
+                lines.append(f"| {name} | {label} | " + " | ".join(cells) + " |")
+            if set(runs) >= set(GENERATORS):
+                lines.append(f"| LGM − nested (Welch p) | {w[1:]} | " + " | ".join(
+                    difference(runs, k, f"{metric}_{w}", scale) for k in KS) + " |")  # fmt: skip
+        lines.append("")
     return lines
+
+
+def values(per_seed: dict[int, list[list[dict]]], k: int, name: str) -> list[float]:
+    """Every (training seed, noise seed) value of column `name` at K."""
+    out = [column(rows, k, name) for runs in per_seed.values() for rows in runs]
+    return [v for v in out if v is not None]
+
+
+def difference(runs, k: int, name: str, scale: float) -> str:
+    a, b = values(runs["lgm"], k, name), values(runs["nested"], k, name)
+    if len(a) < 2 or len(b) < 2:
+        return "-"
+    d, half, p = welch([v * scale for v in a], [v * scale for v in b])
+    return f"{d:+.2f} ± {half:.2f} (p={p:.2g}){' *' if p < 0.05 else ''}"
+
+
+def per_training_seed(runs: dict[str, dict[int, list[list[dict]]]]) -> list[str]:
+    lines = [f"### {PRIMARY} at w = 1 per training seed (mean over noise seeds): the spread training adds", "",
+             "| tokenizer | training seed | " + " | ".join(f"K={k}" for k in KS) + " |",
+             "|---|---:|" + "---|" * len(KS)]  # fmt: skip
+    for name, per_seed in runs.items():
+        for seed, noise_runs in per_seed.items():
+            cells = [interval(values({seed: noise_runs}, k, f"{PRIMARY}_w1")) for k in KS]
+            lines.append(f"| {name} | {seed} | " + " | ".join(cells) + " |")
+    return lines + [""]
 
 
 def table34(s1: dict[str, dict]) -> list[str]:
     lines = [
-        "## Table 3 / 4 analogues: stage 1 (PSNR dB at K; merged-pair cosine at K vs all-pair cosine)",
+        "## Table 3 / 4 analogues: stage 1 at equal steps (synthetic val, 512 images)",
+        "",
+        "PSNR in dB; rfd_vltnet ± bootstrap half-width; merged cos: mean cosine of the merge embeddings of "
+        "slot pairs merged at K, against all pairs.",
         "",
         "| tokenizer | " + " | ".join(f"PSNR K={k}" for k in KS) + " | "
+        + " | ".join(f"rfd K={k}" for k in KS) + " | "
         + " | ".join(f"merged cos K={k}" for k in KS[:-1]) + " | all-pair cos |",
-        "|---|" + "---|" * (2 * len(KS)),
+        "|---|" + "---|" * (3 * len(KS)),
     ]  # fmt: skip
     for name, res in s1.items():
-        log = res["logged"]
+        log, rows = res["logged"], res["rows"]
         psnr = [f"{log.get(f'val/psnr@k{k}', float('nan')):.2f}" for k in KS]
-        cos = [
-            f"{log[f'val/merged_cos@k{k}']:.3f}" if f"val/merged_cos@k{k}" in log else "-" for k in KS[:-1]
-        ]
+        rfd = [f"{column(rows, k, 'rfd_vltnet'):.2f} ± {column(rows, k, 'rfd_vltnet_ci'):.2f}"
+               if column(rows, k, "rfd_vltnet") is not None else "-" for k in KS]  # fmt: skip
+        cos = [f"{log[f'val/merged_cos@k{k}']:.3f}" if f"val/merged_cos@k{k}" in log else "-" for k in KS[:-1]]
         lines.append(
-            f"| {name} | " + " | ".join(psnr + cos) + f" | {log.get('val/slot_cos', float('nan')):.3f} |"
+            f"| {name} | " + " | ".join(psnr + rfd + cos) + f" | {log.get('val/slot_cos', float('nan')):.3f} |"
         )
     return lines
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+# ---------------------------------------------------------------------------------------------- main
+def parse() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="runs/experiment-paper")
     parser.add_argument("--tok-steps", type=int, default=None, help="tokenizer steps (default: the config's)")
     parser.add_argument("--dit-steps", type=int, default=None, help="DiT steps (default: the config's)")
     parser.add_argument("--noise-seeds", type=int, default=3)
-    parser.add_argument("--train-seeds", type=int, default=1)
-    parser.add_argument("--cfg-scales", type=float, nargs="+", default=[1.0, 1.5, 3.0, 6.0])
+    parser.add_argument("--train-seeds", type=int, default=2)
+    parser.add_argument("--sweep", type=float, nargs="+", default=[1.0, 1.5, 2.0, 3.0, 5.0, 8.0])
+    parser.add_argument("--sweep-images", type=int, default=256, help="samples per (K, w) in the sweep")
+    parser.add_argument("--images", type=int, default=512, help="samples per (K, w, seed) in Table 1")
     parser.add_argument("--ablations", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--fresh", action="store_true")
     parser.add_argument(
         "--reuse", nargs="*", default=[], metavar="NAME=CKPT",
-        help="finished tokenizers to reuse (e.g. lgm=runs/tokenizer-tiny/checkpoints/last.ckpt): taken only "
-        "when they exist and --tok-steps is not given, so every tokenizer keeps the config's steps",
+        help="finished runs to reuse: tokenizers by name (lgm=runs/tokenizer-tiny/checkpoints/last.ckpt, "
+        "nested=...) and DiTs as dit-<tokenizer>-seed<N>=CKPT (trained on that tokenizer, checked). Taken "
+        "only when the file exists and no --tok-steps / --dit-steps is given, so every run keeps the "
+        "config's steps",
     )  # fmt: skip
-    args = parser.parse_args()
-    start, out = time.time(), ROOT / args.out
+    return parser.parse_args()
+
+
+def reusable(args, name: str, steps: int | None) -> Path | None:
+    path = dict(item.split("=", 1) for item in args.reuse).get(name)
+    if path and (ROOT / path).exists() and not steps and not args.fresh:
+        print(f"reusing {path} as {name}")
+        return ROOT / path
+    return None
+
+
+def dit_for(args, name: str, seed: int, tokenizer: Path, latents: Path, runs: Path) -> Path:
+    import torch
+
+    reused = reusable(args, f"dit-{name}-seed{seed}", args.dit_steps)
+    if reused is not None:
+        trained_on = torch.load(reused, map_location="cpu", weights_only=False)["hyper_parameters"]["tokenizer"]
+        if (ROOT / trained_on).resolve() != tokenizer.resolve():
+            sys.exit(f"--reuse dit-{name}-seed{seed}={reused}: it was trained on {trained_on}, not on {tokenizer}")
+        return reused
+    extra = [f"--latents={latents}", f"--model.init_args.tokenizer={tokenizer}", f"--seed_everything={seed}"]
+    extra += [f"--trainer.max_steps={args.dit_steps}"] if args.dit_steps else []
+    return fit("conf/dit/tiny.yaml", f"dit-{name}-seed{seed}", runs, extra, args.fresh)
+
+
+class Report:
+    """results.md and results.json, rewritten after every phase so a stopped run leaves its tables."""
+
+    def __init__(self, out: Path, args: argparse.Namespace) -> None:
+        self.out, self.args, self.start, self.sections = out, args, time.time(), {}
+
+    def add(self, key: str, lines: list[str], data=None) -> None:
+        self.sections[key] = (lines, data)
+        minutes = (time.time() - self.start) / 60
+        steps = f"tokenizer steps {self.args.tok_steps or 'config'}, DiT steps {self.args.dit_steps or 'config'}"
+        head = ["# Paper tables on the embedded data (tiny presets, CPU)", "",
+                f"{steps}; wall time {minutes:.1f} min so far (`scripts/experiment_paper.py`)", ""]  # fmt: skip
+        body = [line for lines, _ in self.sections.values() for line in lines + [""]]
+        (self.out / "results.md").write_text("\n".join(head + body) + "\n")
+        (self.out / "results.json").write_text(json.dumps({k: d for k, (_, d) in self.sections.items()}, indent=1))
+        print("\n".join(lines), flush=True)
+
+
+def main() -> None:
+    args = parse()
+    out = ROOT / args.out
     runs = out / "runs"
     out.mkdir(parents=True, exist_ok=True)
+    report = Report(out, args)
     tok_extra = [f"--trainer.max_steps={args.tok_steps}"] if args.tok_steps else []
-    dit_extra = [f"--trainer.max_steps={args.dit_steps}"] if args.dit_steps else []
-    names = list(TOKENIZERS) if args.ablations else list(GENERATORS)
-    reuse = {n: ROOT / p for n, p in (item.split("=", 1) for item in args.reuse)}
-    toks = {}
-    for n in names:
-        if n in reuse and reuse[n].exists() and not args.tok_steps and not args.fresh:
-            toks[n] = reuse[n]
-            print(f"reusing {reuse[n]} as tokenizer {n}")
-        else:
-            toks[n] = fit("conf/tokenizer/tiny.yaml", f"tok-{n}", runs, TOKENIZERS[n] + tok_extra, args.fresh)
-    s1 = {n: stage1(ckpt, n, out) for n, ckpt in toks.items()}
-    gfid: dict[str, list[list[dict]]] = {}
+
+    def tokenizer(n: str) -> Path:
+        reused = reusable(args, n, args.tok_steps)
+        return reused or fit("conf/tokenizer/tiny.yaml", f"tok-{n}", runs, TOKENIZERS[n] + tok_extra, args.fresh)
+
+    toks = {n: tokenizer(n) for n in GENERATORS}
+    latents = {n: cache(toks[n], out / "latents" / n, args.fresh) for n in GENERATORS}
+    dits = {n: {s: dit_for(args, n, s, toks[n], latents[n], runs) for s in range(args.train_seeds)} for n in GENERATORS}
+
+    # Guidance sweep on the seed-0 DiTs (one noise seed, bootstrap intervals).
+    sweep = dict(cfg_scales=args.sweep, num_images=args.sweep_images)
+    lgm_rows = {s: stage2(load_dit(dits["lgm"][0], s), latents["lgm"], f"sweep-lgm-{s}", out, args.fresh, **sweep)
+                for s in SAMPLERS}  # fmt: skip
+    best_of = {s: statistics.mean(min(column(r, k, f"{PRIMARY}_w{w:g}") for w in args.sweep) for k in KS)
+               for s, r in lgm_rows.items()}  # fmt: skip
+    sampler = min(best_of, key=best_of.get)
+    rows = {"lgm": lgm_rows[sampler]}
+    rows["nested"] = stage2(load_dit(dits["nested"][0], sampler), latents["nested"], f"sweep-nested-{sampler}",
+                            out, args.fresh, **sweep)  # fmt: skip
+    best = {n: best_scales(r, args.sweep) for n, r in rows.items()}
+    lines = ["## Guidance sweep (seed-0 DiTs, "
+             f"{args.sweep_images} samples, one noise seed, {PRIMARY} ± bootstrap half-width)", "",
+             "Mean over K of the best distance: " + ", ".join(f"{s} sampler {v:.2f}" for s, v in best_of.items())
+             + f"; the {sampler} sampler ({SAMPLERS[sampler]}) is used below.", ""]  # fmt: skip
+    lines += sweep_table("lgm, uniform sampler", lgm_rows["uniform"], args.sweep)
+    lines += sweep_table("lgm, paper sampler", lgm_rows["paper"], args.sweep)
+    lines += sweep_table(f"nested, {sampler} sampler", rows["nested"], args.sweep)
+    lines += ["Best w per K: " + "; ".join(f"{n} " + ", ".join(f"K={k}: {w:g}" for k, w in b.items())
+                                           for n, b in best.items())]  # fmt: skip
+    report.add("sweep", lines, {"sampler": sampler, "best": best, "rows": {"lgm": lgm_rows, "nested": rows["nested"]}})
+
+    # Table 1 over training x noise seeds at w = 1 and the swept w per K.
+    table: dict[str, dict[int, list[list[dict]]]] = {}
     for n in GENERATORS:
-        latents = cache(toks[n], out / "latents" / n, args.fresh)
-        gfid[n] = []
-        for seed in range(args.train_seeds):
-            extra = [
-                f"--latents={latents}",
-                f"--model.init_args.tokenizer={toks[n]}",
-                f"--seed_everything={seed}",
-            ]
-            dit = fit("conf/dit/tiny.yaml", f"dit-{n}-seed{seed}", runs, extra + dit_extra, args.fresh)
-            gfid[n] += stage2(dit, latents, f"stage2-{n}-seed{seed}", out, args.noise_seeds, args.cfg_scales)
-    minutes = (time.time() - start) / 60
-    steps = f"tokenizer steps {args.tok_steps or 'config'}, DiT steps {args.dit_steps or 'config'}"
-    lines = [
-        "# Paper tables on the embedded data (tiny presets, CPU)",
-        "",
-        f"{steps}; wall time {minutes:.1f} min",
-        "",
-    ]
-    lines += [*table1(gfid, args.cfg_scales), "", *table34(s1)]
-    (out / "results.md").write_text("\n".join(lines) + "\n")
-    (out / "results.json").write_text(json.dumps({"stage1": s1, "gfid": gfid}, indent=1))
-    print("\n".join(lines))
+        table[n] = {}
+        for s, ckpt in dits[n].items():
+            model = load_dit(ckpt, sampler, best[n])
+            table[n][s] = [
+                stage2(model, latents[n], f"table1-{n}-seed{s}-noise{z}", out, args.fresh,
+                       cfg_scales=[1.0, "config"], num_images=args.images, seed=z, replicates=0)
+                for z in range(args.noise_seeds)
+            ]  # fmt: skip
+    seeds = f"{args.train_seeds} training seeds x {args.noise_seeds} noise seeds"
+    lines = table1(table, best, seeds, args.images) + per_training_seed(table)
+    lines += ["Paper (ImageNet 256, DiT-B, gFID, K = 32 / 64 / 128): LGM 3.19 / 3.09 / 2.79; "
+              "nested dropout 5.21 / 5.01 / 4.69. `*`: p < 0.05."]  # fmt: skip
+    report.add("table1", lines, table)
+
+    # Stage 1 and the ablations (Table 3 / 4 analogues).
+    names = list(TOKENIZERS) if args.ablations else list(GENERATORS)
+    toks |= {n: tokenizer(n) for n in names if n not in toks}
+    s1 = {n: stage1(ckpt, n, out, args.fresh) for n, ckpt in toks.items()}
+    report.add("stage1", table34(s1), s1)
 
 
 if __name__ == "__main__":

@@ -71,6 +71,29 @@ def test_a_generator_with_guidance_and_a_budget(stages, tmp_path):
     assert alone[0]["gfid_proxy_w1"] == pytest.approx(fixed["gfid_proxy_w1"])
 
 
+def test_config_scale_is_the_generators_own_scale_at_each_k(stages, tmp_path):
+    """`cfg_scales: [.., "config"]` evaluates each K at the generator's per-K w: the same numbers as
+    evaluating that K alone at its w explicitly."""
+    _, gen = stages
+    images, labels = images_and_labels()
+    per_k = {4: 3.0, 8: 1.0, 32: 2.0}
+    gen.spec.cfg_scales = per_k
+    try:
+        options = {"metrics": ["gfid"], "num_images": 8, "batch_size": 4, "replicates": 0}
+        options |= {"cache_dir": str(tmp_path)}
+        rows = BudgetEvaluator(ks=KS, cfg_scales=[1.0, "config"], **options).evaluate_generator(gen, images, labels)
+        for row in rows:
+            w = per_k[row["k"]]
+            alone = BudgetEvaluator(ks=[row["k"]], cfg_scales=[1.0, w], **options)
+            expected = alone.evaluate_generator(gen, images, labels)[0]
+            assert row["gfid_proxy_wcfg"] == pytest.approx(expected[f"gfid_proxy_w{w:g}"])
+            assert row["flops_gfid_proxy_wcfg"] == expected[f"flops_gfid_proxy_w{w:g}"]
+    finally:
+        gen.spec.cfg_scales = None
+    with pytest.raises(ValueError, match="cfg_scales takes numbers or 'config'"):
+        BudgetEvaluator(ks=KS, metrics=["gfid"], cfg_scales=["best"])
+
+
 def test_what_a_model_cannot_do_is_a_clear_error(stages):
     tok, _ = stages
     with pytest.raises(ValueError, match=r"holds no reconstruction metric"):

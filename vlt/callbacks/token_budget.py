@@ -9,6 +9,8 @@ The evaluator owns the feature networks, so they never land in model checkpoints
 
 from __future__ import annotations
 
+from typing import Literal
+
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.loggers import TensorBoardLogger
@@ -54,7 +56,7 @@ class TokenBudgetCallback(pl.Callback):
         num_images: int = 256,
         batch_size: int = 32,
         metrics: list[Metric] | None = None,
-        cfg_scales: list[float] | None = None,
+        cfg_scales: list[float | Literal["config"]] | None = None,
         extractor: Extractor = "proxy",
         weights: str | None = None,
         cache_dir: str = "runs/.fid_cache",

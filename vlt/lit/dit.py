@@ -219,18 +219,18 @@ class LitDiT(L.LightningModule):
         return self.optim_spec.build(groups, self.trainer.max_steps)
 
     # --- the token-budget protocol (vlt.callbacks.token_budget) ---
-    def budget_generate(self, labels: Tensor, k: int, cfg_scale: float, generator=None) -> Tensor:
+    def budget_generate(self, labels: Tensor, k: int, cfg_scale: float | None, generator=None) -> Tensor:
         return self.generator.generate(labels, k, cfg_scale=cfg_scale, generator=generator)
 
     def budget_generate_adaptive(
-        self, labels: Tensor, budget: float, cfg_scale: float, generator: torch.Generator | None = None
+        self, labels: Tensor, budget: float, cfg_scale: float | None, generator: torch.Generator | None = None
     ) -> AdaptiveSamples:
         return self.generator.generate_adaptive(labels, budget, cfg_scale=cfg_scale, generator=generator)
 
     def budget_tokens(self, k: int) -> float:
         return float(k)
 
-    def budget_flops(self, k: int, task: str = "generate", cfg_scale: float = 1.0) -> float:
+    def budget_flops(self, k: int, task: str = "generate", cfg_scale: float | None = 1.0) -> float:
         """Every DiT call of the sampler (x2 with guidance, x2 for Heun) + one tokenizer decode."""
         return self.generator.flops(k, cfg_scale)
 

@@ -272,13 +272,13 @@ class LitJoint(L.LightningModule):
     def budget_reconstruct(self, images: Tensor, k: int) -> Tensor:
         return self.decode_at(self.generator.tokenizer.encode(images), k)
 
-    def budget_generate(self, labels: Tensor, k: int, cfg_scale: float, generator=None) -> Tensor:
+    def budget_generate(self, labels: Tensor, k: int, cfg_scale: float | None, generator=None) -> Tensor:
         return self.generator.generate(labels, k, cfg_scale=cfg_scale, generator=generator)
 
     def budget_tokens(self, k: int) -> float:
         return float(k)
 
-    def budget_flops(self, k: int, task: str = "reconstruct", cfg_scale: float = 1.0) -> float:
+    def budget_flops(self, k: int, task: str = "reconstruct", cfg_scale: float | None = 1.0) -> float:
         """Reconstruct: encode + decode. Generate: DiT calls of every sampling step + one decode."""
         if task == "reconstruct":
             return float(self.generator.tokenizer.flops("reconstruct"))

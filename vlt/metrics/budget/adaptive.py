@@ -27,7 +27,7 @@ from vlt.adaptive.allocation import allocate, to_distortion
 from vlt.metrics.budget.distributed import gather_rows
 from vlt.metrics.budget.modules import Run
 from vlt.metrics.budget.scorer import columns
-from vlt.metrics.budget.settings import BudgetSettings
+from vlt.metrics.budget.settings import BudgetSettings, scale_arg
 from vlt.metrics.fid import metric_name
 from vlt.metrics.intervals import combine
 
@@ -116,7 +116,7 @@ def generation_rows(settings: BudgetSettings, run: Run) -> list[dict]:
 
 def _generate_at(run: Run, at: tuple[float, float], seed: int) -> tuple[Tensor, float]:
     """Feed one seed's adaptive samples at (budget, scale) to the scorer: (K per image, FLOPs per image)."""
-    budget, scale = at
+    budget, scale = at[0], scale_arg(at[1])
     generator = torch.Generator(run.device).manual_seed(seed + 1000 * run.rank)
     run.scorer.start()
     flops, ks_seen = 0.0, []

@@ -26,7 +26,7 @@ from vlt.metrics.budget.data import evaluation_set, read_shard_images
 from vlt.metrics.budget.distributed import all_max, all_sum, gather_rows, world
 from vlt.metrics.budget.modules import GeneratorBudget, Run, TokenizerBudget, module_device
 from vlt.metrics.budget.scorer import SetScorer, columns
-from vlt.metrics.budget.settings import RECONSTRUCTION, BudgetSettings
+from vlt.metrics.budget.settings import RECONSTRUCTION, BudgetSettings, scale_arg
 from vlt.metrics.features import load_vltnet
 from vlt.metrics.fid import build_fid, metric_name
 from vlt.metrics.intervals import combine
@@ -130,7 +130,7 @@ class BudgetEvaluator(BudgetSettings):
             for scale in self.cfg_scales if gen else []:
                 values.update(self._generate(run, k, scale))
                 column = metric_name("gfid", self.extractor) + self.suffix(scale)
-                row[f"flops_{column}"] = float(run.model.budget_flops(k, "generate", scale))
+                row[f"flops_{column}"] = float(run.model.budget_flops(k, "generate", scale_arg(scale)))
                 row.setdefault("flops", row[f"flops_{column}"])
             rows.append({**row, **values})
         if self.budgets and recon:
@@ -163,15 +163,15 @@ class BudgetEvaluator(BudgetSettings):
             out.update(columns(run.scorer.finish("r")))
         return out
 
-    def _generate(self, run: Run, k: int, scale: float) -> dict[str, float]:
+    def _generate(self, run: Run, k: int, scale: float | str) -> dict[str, float]:
         """Columns of generation at (K, guidance scale): every score, over `seeds` noise seeds."""
-        per_seed = []
+        per_seed, w = [], scale_arg(scale)
         for s in range(self.seeds):
             generator = torch.Generator(run.device).manual_seed(self.seed + s + 1000 * run.rank)
             run.scorer.start()
             for y in run.labels:
                 with run.autocast():
-                    images = run.model.budget_generate(y.to(run.device), k, scale, generator)
+                    images = run.model.budget_generate(y.to(run.device), k, w, generator)
                 run.scorer.add(images, y)
             per_seed.append(run.scorer.finish("g"))
         return columns(combine(per_seed, self.confidence), self.suffix(scale))

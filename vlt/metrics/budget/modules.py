@@ -31,11 +31,12 @@ class BudgetModule(Protocol):
         """(B, 3, H, W) in [-1, 1] -> encode, merge to K tokens, decode -> (B, 3, H, W) in [-1, 1]."""
         ...
 
-    def budget_generate(self, labels: Tensor, k: int, cfg_scale: float, generator: torch.Generator) -> Tensor:
-        """labels (B,) -> sample K tokens with guidance scale `cfg_scale`, decode -> (B, 3, H, W)."""
+    def budget_generate(self, labels: Tensor, k: int, cfg_scale: float | None, generator: torch.Generator) -> Tensor:
+        """labels (B,) -> sample K tokens with guidance scale `cfg_scale` (None: the generator's own
+        scale at K), decode -> (B, 3, H, W)."""
         ...
 
-    def budget_flops(self, k: int, task: Task, cfg_scale: float) -> float:
+    def budget_flops(self, k: int, task: Task, cfg_scale: float | None) -> float:
         """Forward FLOPs per image of `task` at K (all sampling steps and guidance passes included)."""
         ...
 
@@ -69,16 +70,16 @@ class GeneratorBudget(nn.Module):
         super().__init__()
         self.generator = generator
 
-    def budget_generate(self, labels: Tensor, k: int, cfg_scale: float, generator=None) -> Tensor:
+    def budget_generate(self, labels: Tensor, k: int, cfg_scale: float | None, generator=None) -> Tensor:
         return self.generator.generate(labels, k, cfg_scale=cfg_scale, generator=generator)
 
-    def budget_generate_adaptive(self, labels: Tensor, budget: float, cfg_scale: float, generator=None):
+    def budget_generate_adaptive(self, labels: Tensor, budget: float, cfg_scale: float | None, generator=None):
         return self.generator.generate_adaptive(labels, budget, cfg_scale=cfg_scale, generator=generator)
 
     def budget_tokens(self, k: int) -> float:
         return float(k)
 
-    def budget_flops(self, k: int, task: Task = "generate", cfg_scale: float = 1.0) -> float:
+    def budget_flops(self, k: int, task: Task = "generate", cfg_scale: float | None = 1.0) -> float:
         """Every DiT call of the sampler (x2 with guidance, x2 for Heun) + one tokenizer decode."""
         return float(self.generator.flops(k, cfg_scale))
 

@@ -21,7 +21,8 @@ class BudgetSettings:
     Args:
         ks: token counts K to evaluate.
         metrics: subset of psnr, rfid (reconstruction) and gfid (generation).
-        cfg_scales: guidance scales for gfid; several scales give `_w{scale}` columns.
+        cfg_scales: guidance scales for gfid; several scales give `_w{scale}` columns. "config" is the
+            generator's own scale at each K (its `FlowSpec.cfg_scales`, else `cfg_scale`), column `_wcfg`.
         num_images: images evaluated (split over ranks: each takes its first num_images // world).
         batch_size: fixed evaluation batch size (input batches are re-cut to it).
         extractor: "inception" (needs weights + torch-fidelity) or "proxy" (columns named *_proxy).
@@ -47,7 +48,7 @@ class BudgetSettings:
 
     ks: list[int]
     metrics: list[Metric] = field(default_factory=lambda: ["psnr", "rfid"])
-    cfg_scales: list[float] = field(default_factory=lambda: [1.0])
+    cfg_scales: list[float | Literal["config"]] = field(default_factory=lambda: [1.0])
     num_images: int = 256
     batch_size: int = 32
     extractor: Extractor = "proxy"
@@ -72,6 +73,9 @@ class BudgetSettings:
         for name in self.metrics:
             if name not in METRICS:
                 raise ValueError(f"unknown metric {name!r}; expected a subset of {METRICS}")
+        for scale in self.cfg_scales:
+            if scale != "config" and not isinstance(scale, (int, float)):
+                raise ValueError(f"cfg_scales takes numbers or 'config' (the generator's per-K scale), got {scale!r}")
         if self.extractor not in EXTRACTORS:
             raise ValueError(f"unknown extractor {self.extractor!r}; expected one of {EXTRACTORS}")
         if not self.ks or min(self.ks) < 1:
@@ -105,9 +109,12 @@ class BudgetSettings:
                 )
         to_distortion(0.0, self.budget_distortion)  # validates the name
 
-    def suffix(self, scale: float) -> str:
-        """Column suffix of a guidance scale: `_w{scale}` when several scales are evaluated."""
-        return f"_w{scale:g}" if len(self.cfg_scales) > 1 else ""
+    def suffix(self, scale: float | str) -> str:
+        """Column suffix of a guidance scale: `_w{scale}` (`_wcfg` for "config") when several are evaluated."""
+        if len(self.cfg_scales) < 2:
+            return ""
+        return "_wcfg" if scale == "config" else f"_w{scale:g}"
+
 
     def needs(self, metrics: list[str]) -> set[str]:
         """The `BudgetModule` methods that evaluating `metrics` calls."""
@@ -116,3 +123,8 @@ class BudgetSettings:
         if self.budgets and "gfid" in metrics:
             required.add("budget_generate_adaptive")  # adaptive generation rows
         return required
+
+
+def scale_arg(scale: float | str) -> float | None:
+    """What a sampler takes for a `cfg_scales` entry: the number, or None (its own scale at each K)."""
+    return None if scale == "config" else float(scale)
