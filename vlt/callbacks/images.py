@@ -1,8 +1,10 @@
 """Pictures of the stage modules: reconstructions across K, the merge pattern, samples per K and class.
 
 Shaped like Lightning's `ImageSampler` example: typed init, eval mode on, work under no_grad,
-restore, write on rank zero only. The pictures use the weights being validated (EMA weights when
-the EMA callback swaps them in). Each is a labelled panel (`vlt.panels`, tiles of at least 128 px)
+restore, write on rank zero only. The pictures are drawn at the first validation batch, where the
+module holds the weights being validated (the EMA average when `EMAWeightAveraging` is on): at
+`on_validation_epoch_end` it may already hold the training weights again, because the averaging
+callback swaps back in its own epoch-end hook and callbacks run in list order. Each is a labelled panel (`vlt.panels`, tiles of at least 128 px)
 logged to TensorBoard and saved as PNG under <run>/panels/ (the latest as `<name>.png`, and
 `<name>_step<N>.png`).
 """
@@ -52,33 +54,35 @@ class ReconstructionImages(pl.Callback):
 
     def __init__(self, num_images: int = 8) -> None:
         self.num_images = num_images
-        self._batch: Tensor | None = None
+        self._picture: np.ndarray | None = None
+        self._pattern: np.ndarray | None = None
 
+    @torch.no_grad()
     def on_validation_batch_end(
         self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0
     ) -> None:
-        if batch_idx == 0 and self._batch is None:
-            self._batch = (batch.image[: self.num_images].detach(), batch.label[: self.num_images].detach())
-
-    @torch.no_grad()
-    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        batch, self._batch = self._batch, None
-        run_dir = trainer.log_dir or trainer.default_root_dir  # a broadcast under DDP: every rank must ask
-        if batch is None or not trainer.is_global_zero or trainer.sanity_checking:
+        if batch_idx != 0 or self._picture is not None or not trainer.is_global_zero or trainer.sanity_checking:
             return
-        images, labels = batch
+        images, labels = batch.image[: self.num_images].detach(), batch.label[: self.num_images].detach()
         rows = [images] + [pl_module.reconstruct(images, k) for k in pl_module.val_ks]
-        picture = panel(
+        self._picture = panel(
             [to_uint8(r) for r in rows],
             row_labels=["input"] + [f"K={k}" for k in pl_module.val_ks],
             col_labels=class_names(labels, _classes(trainer)),
             title=f"reconstructions at step {trainer.global_step} (EMA weights when EMA is on)",
         )
-        publish(trainer, run_dir, "reconstructions", "images/reconstructions", picture)
         pattern = pl_module.pattern()
         if pattern is not None:
-            assign = {k: pattern.assignment(k).cpu().numpy() for k in pattern.ks}
-            publish(trainer, run_dir, "merge_pattern", "images/merge_pattern", pattern_panel(assign))
+            self._pattern = pattern_panel({k: pattern.assignment(k).cpu().numpy() for k in pattern.ks})
+
+    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        run_dir = trainer.log_dir or trainer.default_root_dir  # a broadcast under DDP: every rank must ask
+        picture, pattern, self._picture, self._pattern = self._picture, self._pattern, None, None
+        if picture is None:
+            return
+        publish(trainer, run_dir, "reconstructions", "images/reconstructions", picture)
+        if pattern is not None:
+            publish(trainer, run_dir, "merge_pattern", "images/merge_pattern", pattern)
 
 
 class SampleImages(pl.Callback):
@@ -92,11 +96,13 @@ class SampleImages(pl.Callback):
 
     def __init__(self, num_classes: int = 8, seed: int = 0, steps: int = 10) -> None:
         self.num_classes, self.seed, self.steps = num_classes, seed, steps
+        self._picture: np.ndarray | None = None
 
     @torch.no_grad()
-    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        run_dir = trainer.log_dir or trainer.default_root_dir  # a broadcast under DDP: every rank must ask
-        if not trainer.is_global_zero or trainer.sanity_checking:
+    def on_validation_batch_end(
+        self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0
+    ) -> None:
+        if batch_idx != 0 or self._picture is not None or not trainer.is_global_zero or trainer.sanity_checking:
             return
         model = pl_module.generator
         labels = torch.arange(self.num_classes) % model.dit.cfg.num_classes
@@ -104,13 +110,18 @@ class SampleImages(pl.Callback):
         for k in model.ks:
             gen = torch.Generator().manual_seed(self.seed)
             rows.append(to_uint8(model.generate(labels, k, steps=self.steps, generator=gen)))
-        picture = panel(
+        self._picture = panel(
             rows,
             row_labels=[f"K={k}" for k in model.ks],
             col_labels=class_names(labels, _classes(trainer)),
             title=f"samples at step {trainer.global_step}, seed {self.seed}, {self.steps} steps",
         )
-        publish(trainer, run_dir, "samples", "images/samples", picture)
+
+    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        run_dir = trainer.log_dir or trainer.default_root_dir  # a broadcast under DDP: every rank must ask
+        picture, self._picture = self._picture, None
+        if picture is not None:
+            publish(trainer, run_dir, "samples", "images/samples", picture)
 
 
 def _classes(trainer: pl.Trainer) -> list[str] | None:

@@ -17,6 +17,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_warn
 
+from vlt.callbacks.averaging import averaged_weights
 from vlt.callbacks.budget_data import collect_images
 from vlt.callbacks.curves import by_mode, metric_columns, plot_curves, write_curve
 from vlt.metrics.budget import BudgetEvaluator, BudgetModule, Metric, budget_scalars
@@ -126,10 +127,11 @@ class TokenBudgetCallback(pl.Callback):
         self._last_step = trainer.global_step
         settings = self.evaluator
         images, labels = collect_images(trainer, settings.num_images // world()[1], settings.batch_size)
-        rows = settings.evaluate_batches(
-            pl_module, images, labels, step=trainer.global_step, epoch=trainer.current_epoch,
-            autocast=trainer.precision_plugin.forward_context,
-        )  # fmt: skip
+        with averaged_weights(trainer, pl_module):  # the weights validation and the fit-end curve measure
+            rows = settings.evaluate_batches(
+                pl_module, images, labels, step=trainer.global_step, epoch=trainer.current_epoch,
+                autocast=trainer.precision_plugin.forward_context,
+            )  # fmt: skip
         self.publish(trainer, rows)
         return rows
 
