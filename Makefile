@@ -125,8 +125,10 @@ experiment-adaptive: $(STAMP) $(FEATURES) $(TOKENIZER) $(DIT) ## adaptive vs fix
 	$(BIN)/python scripts/experiment_adaptive.py --tokenizer $(TOKENIZER) --dit $(DIT) --latents $(ADAPTIVE) \
 		--distortion $(DISTORTION) $(ARGS)
 
-experiment-paper: $(STAMP) $(SYNTHETIC) ## Table 1/3/4 analogues: LGM vs nested dropout, stages 1+2, ablations (CPU)
-	$(BIN)/python scripts/experiment_paper.py --reuse lgm=$(TOKENIZER) $(ARGS)
+#: NESTED     nested-dropout tokenizer that experiment-paper reuses when it exists (else it trains one)
+NESTED ?= runs/tokenizer-tiny-nested/checkpoints/last.ckpt
+experiment-paper: $(STAMP) $(SYNTHETIC) $(FEATURES) ## Table 1/3/4 analogues: LGM vs nested dropout, guidance sweep, ablations (CPU, ~90 min)
+	$(BIN)/python scripts/experiment_paper.py --reuse lgm=$(TOKENIZER) nested=$(NESTED) dit-lgm-seed0=$(DIT) $(ARGS)
 
 finetune: $(STAMP) $(FEATURES) $(TOKENIZER) $(DIT) ## stage 3: joint fine-tune of TOKENIZER + DIT (CONFIG=conf/joint/tiny.yaml)
 	$(call launch,fit -c $(or $(CONFIG),conf/joint/tiny.yaml) --model.init_args.init_from_tokenizer=$(TOKENIZER) --model.init_args.init_from_dit=$(DIT))

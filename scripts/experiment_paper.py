@@ -37,8 +37,11 @@ VLT = [sys.executable, "-m", "vlt.cli"]
 KS = [4, 8, 16, 32]
 FEATURES = "data/features"
 PRIMARY = "gfd_vltnet"  # the distance every decision here is read from (issue: metrics)
-SCORES = {"gfd_vltnet": "fd_vltnet (lower is better)", "gkid_vltnet": "kid_vltnet x 1e3 (lower is better)",
-          "gclass_acc_vltnet": "class accuracy (higher is better)"}  # fmt: skip
+SCORES = {
+    "gfd_vltnet": "fd_vltnet (lower is better)",
+    "gkid_vltnet": "kid_vltnet x 1e3 (lower is better)",
+    "gclass_acc_vltnet": "class accuracy (higher is better)",
+}
 TOKENIZERS = {  # name -> overrides of conf/tokenizer/tiny.yaml
     "lgm": [],
     "nested": ["--model.init_args.merge.mode=nested"],
@@ -94,15 +97,22 @@ def validate(module, data, name: str, out: Path, fresh: bool, **callback_args) -
 
     console.quiet_third_party()  # the filters `vlt` applies, for the Trainers run in this process
     callback = TokenBudgetCallback(
-        cache_dir=str(ROOT / "runs" / ".fid_cache"), dataset_id="synthetic-val", feature_net=FEATURES,
-        feature_scores=["fd", "kid", "class_acc"], **callback_args,
-    )  # fmt: skip
+        cache_dir=str(ROOT / "runs" / ".fid_cache"),
+        dataset_id="synthetic-val",
+        feature_net=FEATURES,
+        feature_scores=["fd", "kid", "class_acc"],
+        **callback_args,
+    )
     shutil.rmtree(out / name, ignore_errors=True)
     trainer = L.Trainer(
-        accelerator="cpu", devices=1, logger=TensorBoardLogger(out, name=name, version=""),
-        callbacks=[callback], enable_progress_bar=False, enable_model_summary=False,
+        accelerator="cpu",
+        devices=1,
+        logger=TensorBoardLogger(out, name=name, version=""),
+        callbacks=[callback],
+        enable_progress_bar=False,
+        enable_model_summary=False,
         enable_checkpointing=False,
-    )  # fmt: skip
+    )
     logged = {k: float(v) for k, v in trainer.validate(module, datamodule=data, verbose=False)[0].items()}
     rows = json.loads((out / name / "curves" / "budget_latest.json").read_text())["rows"]
     done.write_text(json.dumps({"logged": logged, "rows": rows}))
@@ -118,9 +128,16 @@ def stage1(ckpt: Path, name: str, out: Path, fresh: bool) -> dict:
         val="data/synthetic/shards/val-*.tar", image_size=32, val_batch_size=256, num_workers=0
     )
     logged, rows = validate(
-        model, data, f"stage1-{name}", out, fresh, ks=KS, metrics=["psnr", "rfid"], num_images=512,
+        model,
+        data,
+        f"stage1-{name}",
+        out,
+        fresh,
+        ks=KS,
+        metrics=["psnr", "rfid"],
+        num_images=512,
         batch_size=256,
-    )  # fmt: skip
+    )
     return {"logged": logged, "rows": rows}
 
 
@@ -139,9 +156,18 @@ def stage2(model, latents: Path, name: str, out: Path, fresh: bool, **callback_a
 
     data = WebDataModule(kind="latents", val=str(latents / "val-*.tar"), val_batch_size=512, num_workers=0)
     return validate(
-        model, data, name, out, fresh, ks=model.ks, metrics=["gfid"], batch_size=128, resolution=32,
-        real_shards="data/synthetic/shards/val-*.tar", **callback_args,
-    )[1]  # fmt: skip
+        model,
+        data,
+        name,
+        out,
+        fresh,
+        ks=model.ks,
+        metrics=["gfid"],
+        batch_size=128,
+        resolution=32,
+        real_shards="data/synthetic/shards/val-*.tar",
+        **callback_args,
+    )[1]
 
 
 # ---------------------------------------------------------------------------------------------- stats
@@ -184,14 +210,19 @@ def column(rows: list[dict], k: int, name: str) -> float | None:
 
 # ---------------------------------------------------------------------------------------------- tables
 def sweep_table(title: str, rows: list[dict], scales: list[float]) -> list[str]:
-    lines = [f"#### {title}", "", "| w | " + " | ".join(f"K={k}" for k in KS) + " |", "|---:|" + "---|" * len(KS)]
+    lines = [
+        f"#### {title}",
+        "",
+        "| w | " + " | ".join(f"K={k}" for k in KS) + " |",
+        "|---:|" + "---|" * len(KS),
+    ]
     for w in scales:
         cells = []
         for k in KS:
             mean, half = column(rows, k, f"{PRIMARY}_w{w:g}"), column(rows, k, f"{PRIMARY}_w{w:g}_ci")
             cells.append("-" if mean is None else f"{mean:.2f} ± {half:.2f}" if half else f"{mean:.2f}")
         lines.append(f"| {w:g} | " + " | ".join(cells) + " |")
-    return lines + [""]
+    return [*lines, ""]
 
 
 def best_scales(rows: list[dict], scales: list[float]) -> dict[int, float]:
@@ -199,7 +230,9 @@ def best_scales(rows: list[dict], scales: list[float]) -> dict[int, float]:
     return {k: min(scales, key=lambda w: column(rows, k, f"{PRIMARY}_w{w:g}") or math.inf) for k in KS}
 
 
-def table1(runs: dict[str, dict[int, list[list[dict]]]], best: dict[str, dict[int, float]], seeds: str, images: int) -> list[str]:
+def table1(
+    runs: dict[str, dict[int, list[list[dict]]]], best: dict[str, dict[int, float]], seeds: str, images: int
+) -> list[str]:
     lines = [
         f"## Table 1 analogue: one DiT for every K, vltnet scores of {images} samples per seed "
         f"(mean ± 95% t-interval over {seeds})",
@@ -207,16 +240,23 @@ def table1(runs: dict[str, dict[int, list[list[dict]]]], best: dict[str, dict[in
     ]
     for metric, what in SCORES.items():
         scale = 1e3 if "kid" in metric else 1.0
-        lines += [f"### {what}", "", "| tokenizer | w | " + " | ".join(f"K={k}" for k in KS) + " |",
-                  "|---|---|" + "---|" * len(KS)]  # fmt: skip
+        lines += [
+            f"### {what}",
+            "",
+            "| tokenizer | w | " + " | ".join(f"K={k}" for k in KS) + " |",
+            "|---|---|" + "---|" * len(KS),
+        ]
         for w in ("w1", "wcfg"):
             for name, per_seed in runs.items():
                 label = "1" if w == "w1" else "swept: " + "/".join(f"{best[name][k]:g}" for k in KS)
                 cells = [interval(values(per_seed, k, f"{metric}_{w}"), scale) for k in KS]
                 lines.append(f"| {name} | {label} | " + " | ".join(cells) + " |")
             if set(runs) >= set(GENERATORS):
-                lines.append(f"| LGM − nested (Welch p) | {w[1:]} | " + " | ".join(
-                    difference(runs, k, f"{metric}_{w}", scale) for k in KS) + " |")  # fmt: skip
+                lines.append(
+                    f"| LGM − nested (Welch p) | {w[1:]} | "
+                    + " | ".join(difference(runs, k, f"{metric}_{w}", scale) for k in KS)
+                    + " |"
+                )
         lines.append("")
     return lines
 
@@ -236,14 +276,17 @@ def difference(runs, k: int, name: str, scale: float) -> str:
 
 
 def per_training_seed(runs: dict[str, dict[int, list[list[dict]]]]) -> list[str]:
-    lines = [f"### {PRIMARY} at w = 1 per training seed (mean over noise seeds): the spread training adds", "",
-             "| tokenizer | training seed | " + " | ".join(f"K={k}" for k in KS) + " |",
-             "|---|---:|" + "---|" * len(KS)]  # fmt: skip
+    lines = [
+        f"### {PRIMARY} at w = 1 per training seed (mean over noise seeds): the spread training adds",
+        "",
+        "| tokenizer | training seed | " + " | ".join(f"K={k}" for k in KS) + " |",
+        "|---|---:|" + "---|" * len(KS),
+    ]
     for name, per_seed in runs.items():
         for seed, noise_runs in per_seed.items():
             cells = [interval(values({seed: noise_runs}, k, f"{PRIMARY}_w1")) for k in KS]
             lines.append(f"| {name} | {seed} | " + " | ".join(cells) + " |")
-    return lines + [""]
+    return [*lines, ""]
 
 
 def table34(s1: dict[str, dict]) -> list[str]:
@@ -253,26 +296,40 @@ def table34(s1: dict[str, dict]) -> list[str]:
         "PSNR in dB; rfd_vltnet ± bootstrap half-width; merged cos: mean cosine of the merge embeddings of "
         "slot pairs merged at K, against all pairs.",
         "",
-        "| tokenizer | " + " | ".join(f"PSNR K={k}" for k in KS) + " | "
-        + " | ".join(f"rfd K={k}" for k in KS) + " | "
-        + " | ".join(f"merged cos K={k}" for k in KS[:-1]) + " | all-pair cos |",
+        "| tokenizer | "
+        + " | ".join(f"PSNR K={k}" for k in KS)
+        + " | "
+        + " | ".join(f"rfd K={k}" for k in KS)
+        + " | "
+        + " | ".join(f"merged cos K={k}" for k in KS[:-1])
+        + " | all-pair cos |",
         "|---|" + "---|" * (3 * len(KS)),
-    ]  # fmt: skip
+    ]
     for name, res in s1.items():
         log, rows = res["logged"], res["rows"]
         psnr = [f"{log.get(f'val/psnr@k{k}', float('nan')):.2f}" for k in KS]
-        rfd = [f"{column(rows, k, 'rfd_vltnet'):.2f} ± {column(rows, k, 'rfd_vltnet_ci'):.2f}"
-               if column(rows, k, "rfd_vltnet") is not None else "-" for k in KS]  # fmt: skip
-        cos = [f"{log[f'val/merged_cos@k{k}']:.3f}" if f"val/merged_cos@k{k}" in log else "-" for k in KS[:-1]]
+        rfd = [
+            f"{column(rows, k, 'rfd_vltnet'):.2f} ± {column(rows, k, 'rfd_vltnet_ci'):.2f}"
+            if column(rows, k, "rfd_vltnet") is not None
+            else "-"
+            for k in KS
+        ]
+        cos = [
+            f"{log[f'val/merged_cos@k{k}']:.3f}" if f"val/merged_cos@k{k}" in log else "-" for k in KS[:-1]
+        ]
         lines.append(
-            f"| {name} | " + " | ".join(psnr + rfd + cos) + f" | {log.get('val/slot_cos', float('nan')):.3f} |"
+            f"| {name} | "
+            + " | ".join(psnr + rfd + cos)
+            + f" | {log.get('val/slot_cos', float('nan')):.3f} |"
         )
     return lines
 
 
 # ---------------------------------------------------------------------------------------------- main
 def parse() -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--out", default="runs/experiment-paper")
     parser.add_argument("--tok-steps", type=int, default=None, help="tokenizer steps (default: the config's)")
     parser.add_argument("--dit-steps", type=int, default=None, help="DiT steps (default: the config's)")
@@ -284,19 +341,21 @@ def parse() -> argparse.Namespace:
     parser.add_argument("--ablations", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--fresh", action="store_true")
     parser.add_argument(
-        "--reuse", nargs="*", default=[], metavar="NAME=CKPT",
+        "--reuse",
+        nargs="*",
+        default=[],
+        metavar="NAME=CKPT",
         help="finished runs to reuse: tokenizers by name (lgm=runs/tokenizer-tiny/checkpoints/last.ckpt, "
         "nested=...) and DiTs as dit-<tokenizer>-seed<N>=CKPT (trained on that tokenizer, checked). Taken "
         "only when the file exists and no --tok-steps / --dit-steps is given, so every run keeps the "
         "config's steps",
-    )  # fmt: skip
+    )
     return parser.parse_args()
 
 
 def reusable(args, name: str, steps: int | None) -> Path | None:
     path = dict(item.split("=", 1) for item in args.reuse).get(name)
     if path and (ROOT / path).exists() and not steps and not args.fresh:
-        print(f"reusing {path} as {name}")
         return ROOT / path
     return None
 
@@ -306,10 +365,13 @@ def dit_for(args, name: str, seed: int, tokenizer: Path, latents: Path, runs: Pa
 
     reused = reusable(args, f"dit-{name}-seed{seed}", args.dit_steps)
     if reused is not None:
-        trained_on = torch.load(reused, map_location="cpu", weights_only=False)["hyper_parameters"]["tokenizer"]
-        if (ROOT / trained_on).resolve() != tokenizer.resolve():
-            sys.exit(f"--reuse dit-{name}-seed{seed}={reused}: it was trained on {trained_on}, not on {tokenizer}")
-        return reused
+        trained_on = torch.load(reused, map_location="cpu", weights_only=False)["hyper_parameters"][
+            "tokenizer"
+        ]
+        if (ROOT / trained_on).resolve() == tokenizer.resolve():
+            print(f"reusing {reused} as dit-{name}-seed{seed}")
+            return reused
+        print(f"not reusing {reused}: it was trained on {trained_on}, not on {tokenizer}; training one")
     extra = [f"--latents={latents}", f"--model.init_args.tokenizer={tokenizer}", f"--seed_everything={seed}"]
     extra += [f"--trainer.max_steps={args.dit_steps}"] if args.dit_steps else []
     return fit("conf/dit/tiny.yaml", f"dit-{name}-seed{seed}", runs, extra, args.fresh)
@@ -324,12 +386,20 @@ class Report:
     def add(self, key: str, lines: list[str], data=None) -> None:
         self.sections[key] = (lines, data)
         minutes = (time.time() - self.start) / 60
-        steps = f"tokenizer steps {self.args.tok_steps or 'config'}, DiT steps {self.args.dit_steps or 'config'}"
-        head = ["# Paper tables on the embedded data (tiny presets, CPU)", "",
-                f"{steps}; wall time {minutes:.1f} min so far (`scripts/experiment_paper.py`)", ""]  # fmt: skip
-        body = [line for lines, _ in self.sections.values() for line in lines + [""]]
+        steps = (
+            f"tokenizer steps {self.args.tok_steps or 'config'}, DiT steps {self.args.dit_steps or 'config'}"
+        )
+        head = [
+            "# Paper tables on the embedded data (tiny presets, CPU)",
+            "",
+            f"{steps}; wall time {minutes:.1f} min so far (`scripts/experiment_paper.py`)",
+            "",
+        ]
+        body = [line for lines, _ in self.sections.values() for line in [*lines, ""]]
         (self.out / "results.md").write_text("\n".join(head + body) + "\n")
-        (self.out / "results.json").write_text(json.dumps({k: d for k, (_, d) in self.sections.items()}, indent=1))
+        (self.out / "results.json").write_text(
+            json.dumps({k: d for k, (_, d) in self.sections.items()}, indent=1)
+        )
         print("\n".join(lines), flush=True)
 
 
@@ -343,33 +413,60 @@ def main() -> None:
 
     def tokenizer(n: str) -> Path:
         reused = reusable(args, n, args.tok_steps)
-        return reused or fit("conf/tokenizer/tiny.yaml", f"tok-{n}", runs, TOKENIZERS[n] + tok_extra, args.fresh)
+        if reused is not None:
+            print(f"reusing {reused} as tokenizer {n}")
+            return reused
+        return fit("conf/tokenizer/tiny.yaml", f"tok-{n}", runs, TOKENIZERS[n] + tok_extra, args.fresh)
 
     toks = {n: tokenizer(n) for n in GENERATORS}
     latents = {n: cache(toks[n], out / "latents" / n, args.fresh) for n in GENERATORS}
-    dits = {n: {s: dit_for(args, n, s, toks[n], latents[n], runs) for s in range(args.train_seeds)} for n in GENERATORS}
+    dits = {
+        n: {s: dit_for(args, n, s, toks[n], latents[n], runs) for s in range(args.train_seeds)}
+        for n in GENERATORS
+    }
 
     # Guidance sweep on the seed-0 DiTs (one noise seed, bootstrap intervals).
     sweep = dict(cfg_scales=args.sweep, num_images=args.sweep_images)
-    lgm_rows = {s: stage2(load_dit(dits["lgm"][0], s), latents["lgm"], f"sweep-lgm-{s}", out, args.fresh, **sweep)
-                for s in SAMPLERS}  # fmt: skip
-    best_of = {s: statistics.mean(min(column(r, k, f"{PRIMARY}_w{w:g}") for w in args.sweep) for k in KS)
-               for s, r in lgm_rows.items()}  # fmt: skip
+    lgm_rows = {
+        s: stage2(load_dit(dits["lgm"][0], s), latents["lgm"], f"sweep-lgm-{s}", out, args.fresh, **sweep)
+        for s in SAMPLERS
+    }
+    best_of = {
+        s: statistics.mean(min(column(r, k, f"{PRIMARY}_w{w:g}") for w in args.sweep) for k in KS)
+        for s, r in lgm_rows.items()
+    }
     sampler = min(best_of, key=best_of.get)
     rows = {"lgm": lgm_rows[sampler]}
-    rows["nested"] = stage2(load_dit(dits["nested"][0], sampler), latents["nested"], f"sweep-nested-{sampler}",
-                            out, args.fresh, **sweep)  # fmt: skip
+    rows["nested"] = stage2(
+        load_dit(dits["nested"][0], sampler),
+        latents["nested"],
+        f"sweep-nested-{sampler}",
+        out,
+        args.fresh,
+        **sweep,
+    )
     best = {n: best_scales(r, args.sweep) for n, r in rows.items()}
-    lines = ["## Guidance sweep (seed-0 DiTs, "
-             f"{args.sweep_images} samples, one noise seed, {PRIMARY} ± bootstrap half-width)", "",
-             "Mean over K of the best distance: " + ", ".join(f"{s} sampler {v:.2f}" for s, v in best_of.items())
-             + f"; the {sampler} sampler ({SAMPLERS[sampler]}) is used below.", ""]  # fmt: skip
+    lines = [
+        "## Guidance sweep (seed-0 DiTs, "
+        f"{args.sweep_images} samples, one noise seed, {PRIMARY} ± bootstrap half-width)",
+        "",
+        "Mean over K of the best distance: "
+        + ", ".join(f"{s} sampler {v:.2f}" for s, v in best_of.items())
+        + f"; the {sampler} sampler ({SAMPLERS[sampler]}) is used below.",
+        "",
+    ]
     lines += sweep_table("lgm, uniform sampler", lgm_rows["uniform"], args.sweep)
     lines += sweep_table("lgm, paper sampler", lgm_rows["paper"], args.sweep)
     lines += sweep_table(f"nested, {sampler} sampler", rows["nested"], args.sweep)
-    lines += ["Best w per K: " + "; ".join(f"{n} " + ", ".join(f"K={k}: {w:g}" for k, w in b.items())
-                                           for n, b in best.items())]  # fmt: skip
-    report.add("sweep", lines, {"sampler": sampler, "best": best, "rows": {"lgm": lgm_rows, "nested": rows["nested"]}})
+    lines += [
+        "Best w per K: "
+        + "; ".join(f"{n} " + ", ".join(f"K={k}: {w:g}" for k, w in b.items()) for n, b in best.items())
+    ]
+    report.add(
+        "sweep",
+        lines,
+        {"sampler": sampler, "best": best, "rows": {"lgm": lgm_rows, "nested": rows["nested"]}},
+    )
 
     # Table 1 over training x noise seeds at w = 1 and the swept w per K.
     table: dict[str, dict[int, list[list[dict]]]] = {}
@@ -378,14 +475,25 @@ def main() -> None:
         for s, ckpt in dits[n].items():
             model = load_dit(ckpt, sampler, best[n])
             table[n][s] = [
-                stage2(model, latents[n], f"table1-{n}-seed{s}-noise{z}", out, args.fresh,
-                       cfg_scales=[1.0, "config"], num_images=args.images, seed=z, replicates=0)
+                stage2(
+                    model,
+                    latents[n],
+                    f"table1-{n}-seed{s}-noise{z}",
+                    out,
+                    args.fresh,
+                    cfg_scales=[1.0, "config"],
+                    num_images=args.images,
+                    seed=z,
+                    replicates=0,
+                )
                 for z in range(args.noise_seeds)
-            ]  # fmt: skip
+            ]
     seeds = f"{args.train_seeds} training seeds x {args.noise_seeds} noise seeds"
     lines = table1(table, best, seeds, args.images) + per_training_seed(table)
-    lines += ["Paper (ImageNet 256, DiT-B, gFID, K = 32 / 64 / 128): LGM 3.19 / 3.09 / 2.79; "
-              "nested dropout 5.21 / 5.01 / 4.69. `*`: p < 0.05."]  # fmt: skip
+    lines += [
+        "Paper (ImageNet 256, DiT-B, gFID, K = 32 / 64 / 128): LGM 3.19 / 3.09 / 2.79; "
+        "nested dropout 5.21 / 5.01 / 4.69. `*`: p < 0.05."
+    ]
     report.add("table1", lines, table)
 
     # Stage 1 and the ablations (Table 3 / 4 analogues).

@@ -81,7 +81,9 @@ def test_config_scale_is_the_generators_own_scale_at_each_k(stages, tmp_path):
     try:
         options = {"metrics": ["gfid"], "num_images": 8, "batch_size": 4, "replicates": 0}
         options |= {"cache_dir": str(tmp_path)}
-        rows = BudgetEvaluator(ks=KS, cfg_scales=[1.0, "config"], **options).evaluate_generator(gen, images, labels)
+        rows = BudgetEvaluator(ks=KS, cfg_scales=[1.0, "config"], **options).evaluate_generator(
+            gen, images, labels
+        )
         for row in rows:
             w = per_k[row["k"]]
             alone = BudgetEvaluator(ks=[row["k"]], cfg_scales=[1.0, w], **options)

@@ -4,9 +4,9 @@ Shaped like Lightning's `ImageSampler` example: typed init, eval mode on, work u
 restore, write on rank zero only. The pictures are drawn at the first validation batch, where the
 module holds the weights being validated (the EMA average when `EMAWeightAveraging` is on): at
 `on_validation_epoch_end` it may already hold the training weights again, because the averaging
-callback swaps back in its own epoch-end hook and callbacks run in list order. Each is a labelled panel (`vlt.panels`, tiles of at least 128 px)
-logged to TensorBoard and saved as PNG under <run>/panels/ (the latest as `<name>.png`, and
-`<name>_step<N>.png`).
+callback swaps back in its own epoch-end hook and callbacks run in list order. Each is a labelled
+panel (`vlt.panels`, tiles of at least 128 px) logged to TensorBoard and saved as PNG under
+<run>/panels/ (the latest as `<name>.png`, and `<name>_step<N>.png`).
 """
 
 from __future__ import annotations
@@ -61,7 +61,12 @@ class ReconstructionImages(pl.Callback):
     def on_validation_batch_end(
         self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0
     ) -> None:
-        if batch_idx != 0 or self._picture is not None or not trainer.is_global_zero or trainer.sanity_checking:
+        if (
+            batch_idx != 0
+            or self._picture is not None
+            or not trainer.is_global_zero
+            or trainer.sanity_checking
+        ):
             return
         images, labels = batch.image[: self.num_images].detach(), batch.label[: self.num_images].detach()
         rows = [images] + [pl_module.reconstruct(images, k) for k in pl_module.val_ks]
@@ -102,7 +107,12 @@ class SampleImages(pl.Callback):
     def on_validation_batch_end(
         self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0
     ) -> None:
-        if batch_idx != 0 or self._picture is not None or not trainer.is_global_zero or trainer.sanity_checking:
+        if (
+            batch_idx != 0
+            or self._picture is not None
+            or not trainer.is_global_zero
+            or trainer.sanity_checking
+        ):
             return
         model = pl_module.generator
         labels = torch.arange(self.num_classes) % model.dit.cfg.num_classes

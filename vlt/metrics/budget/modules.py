@@ -31,7 +31,9 @@ class BudgetModule(Protocol):
         """(B, 3, H, W) in [-1, 1] -> encode, merge to K tokens, decode -> (B, 3, H, W) in [-1, 1]."""
         ...
 
-    def budget_generate(self, labels: Tensor, k: int, cfg_scale: float | None, generator: torch.Generator) -> Tensor:
+    def budget_generate(
+        self, labels: Tensor, k: int, cfg_scale: float | None, generator: torch.Generator
+    ) -> Tensor:
         """labels (B,) -> sample K tokens with guidance scale `cfg_scale` (None: the generator's own
         scale at K), decode -> (B, 3, H, W)."""
         ...
@@ -73,7 +75,9 @@ class GeneratorBudget(nn.Module):
     def budget_generate(self, labels: Tensor, k: int, cfg_scale: float | None, generator=None) -> Tensor:
         return self.generator.generate(labels, k, cfg_scale=cfg_scale, generator=generator)
 
-    def budget_generate_adaptive(self, labels: Tensor, budget: float, cfg_scale: float | None, generator=None):
+    def budget_generate_adaptive(
+        self, labels: Tensor, budget: float, cfg_scale: float | None, generator=None
+    ):
         return self.generator.generate_adaptive(labels, budget, cfg_scale=cfg_scale, generator=generator)
 
     def budget_tokens(self, k: int) -> float:

@@ -75,7 +75,9 @@ class BudgetSettings:
                 raise ValueError(f"unknown metric {name!r}; expected a subset of {METRICS}")
         for scale in self.cfg_scales:
             if scale != "config" and not isinstance(scale, (int, float)):
-                raise ValueError(f"cfg_scales takes numbers or 'config' (the generator's per-K scale), got {scale!r}")
+                raise ValueError(
+                    f"cfg_scales takes numbers or 'config' (the generator's per-K scale), got {scale!r}"
+                )
         if self.extractor not in EXTRACTORS:
             raise ValueError(f"unknown extractor {self.extractor!r}; expected one of {EXTRACTORS}")
         if not self.ks or min(self.ks) < 1:
@@ -110,11 +112,10 @@ class BudgetSettings:
         to_distortion(0.0, self.budget_distortion)  # validates the name
 
     def suffix(self, scale: float | str) -> str:
-        """Column suffix of a guidance scale: `_w{scale}` (`_wcfg` for "config") when several are evaluated."""
+        """Column suffix of a scale: `_w{scale}` (`_wcfg` for "config") when several are evaluated."""
         if len(self.cfg_scales) < 2:
             return ""
         return "_wcfg" if scale == "config" else f"_w{scale:g}"
-
 
     def needs(self, metrics: list[str]) -> set[str]:
         """The `BudgetModule` methods that evaluating `metrics` calls."""
