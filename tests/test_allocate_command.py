@@ -83,6 +83,34 @@ def test_allocate_on_a_hand_made_cache(toy_cache, capsys):
     assert mse["pooled_psnr"]["train"] > mse["fixed_pooled_psnr"]["train"]["4"]
 
 
+def test_allocate_reports_the_tokens_a_quality_target_needs(toy_cache, capsys):
+    vlt(
+        [
+            "allocate",
+            "--cache",
+            str(toy_cache),
+            "--budget",
+            "4",
+            "--floors",
+            "25",
+            "28",
+            "--shares",
+            "0.5",
+            "0.9",
+        ]
+    )
+    out = capsys.readouterr().out
+    assert "tokens for a quality target" in out and "| val | 25 | 0.9 |" in out
+    rows = load_allocation(toy_cache)["targets"]
+    assert len(rows) == 2 * 2 * 2  # splits x floors x shares
+    val = torch.as_tensor(LatentCache(toy_cache).curves("val").psnr).double()  # (S, G)
+    for r in (r for r in rows if r["split"] == "val" and r["fixed_k"] is not None):
+        j = GRID.index(r["fixed_k"])
+        assert float((val[:, j] >= r["floor"]).double().mean()) >= r["share"]  # the fixed K reaches it
+        assert j == 0 or float((val[:, j - 1] >= r["floor"]).double().mean()) < r["share"]  # and is the least
+        assert r["cost"] <= r["fixed_k"]  # a K per image never needs more
+
+
 def test_allocate_from_the_predictor(toy_cache):
     meta = vlt_allocate(toy_cache, "--source", "predictor", "--predictor_steps", "60")
     report = meta["predictor"]

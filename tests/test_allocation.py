@@ -4,6 +4,7 @@ p(K | class) and budget-tilted draws."""
 from __future__ import annotations
 
 import itertools
+import math
 
 import pytest
 import torch
@@ -100,3 +101,33 @@ def test_tilted_draws_meet_the_budget(cost, budget):
     same = A.draw(tilted[:1].expand(1000, -1), GRID, generator=g)
     counts = torch.bincount(torch.searchsorted(torch.tensor(GRID), same), minlength=len(GRID))
     assert (counts.double() - 1000 * tilted[0]).abs().max() <= 1.0 + 1e-9
+
+
+@pytest.mark.parametrize("seed", range(6))
+@pytest.mark.parametrize("cost", ["k", "k2"])
+def test_target_cost_is_the_cheapest_allocation_that_lifts_the_share(seed, cost):
+    """Oracle: every allocation of 5 images over 3 levels, searched exhaustively."""
+    g = torch.Generator().manual_seed(seed)
+    grid = [4, 8, 16]
+    psnr = (torch.rand(5, 3, generator=g) * 3).cumsum(1) + 18  # (B, G) non-decreasing in K
+    floor, share = 21.0, [0.4, 0.6, 0.8][seed % 3]
+    need = math.ceil(share * 5)
+    c = {4: 4.0, 8: 8.0, 16: 16.0} if cost == "k" else {4: 16.0, 8: 64.0, 16: 256.0}
+    best = None
+    for ks in itertools.product(range(3), repeat=5):
+        lifted = sum(bool(psnr[i, j] >= floor) for i, j in enumerate(ks))
+        if lifted >= need:
+            mean = sum(c[grid[j]] for j in ks) / 5
+            best = mean if best is None else min(best, mean)
+    fixed = next((k for j, k in enumerate(grid) if int((psnr[:, j] >= floor).sum()) >= need), None)
+    out = A.target_cost(psnr, grid, floor, share, cost)
+    assert out["fixed_k"] == fixed
+    if best is None:
+        assert out["k"] is None
+    else:
+        expected = best if cost == "k" else math.sqrt(best)
+        assert out["cost"] == pytest.approx(expected)
+        lifted = (psnr.gather(1, torch.searchsorted(torch.tensor(grid), out["k"])[:, None]) >= floor).sum()
+        assert int(lifted) >= need
+        if fixed is not None:
+            assert out["saving"] == pytest.approx(fixed / expected) and out["saving"] >= 1 - 1e-9

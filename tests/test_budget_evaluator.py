@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from vlt.adaptive.allocation import target_cost
 from vlt.metrics import psnr
 from vlt.metrics.budget import BudgetEvaluator, budget_scalars
 from vlt.models.dit import DiTConfig
@@ -48,6 +49,30 @@ def test_a_tokenizer_in_three_lines(stages, tmp_path):
     assert "budget/rfid_proxy_ci@k8" in budget_scalars(rows)
     again = BudgetEvaluator(ks=KS, num_images=8, batch_size=4, replicates=5, cache_dir=str(tmp_path))
     assert again.evaluate_tokenizer(tok, [(images[:4], labels[:4]), (images[4:], labels[4:])]) == rows
+
+
+def test_quality_targets_read_off_the_per_image_curves(stages, tmp_path):
+    tok, _ = stages
+    images, labels = images_and_labels()
+    with torch.no_grad():
+        curves = torch.stack(
+            [psnr(tok.reconstruct(images, k).clamp(-1, 1), images).double() for k in KS], dim=1
+        )  # (B, G): the oracle's own per-image curves
+    floor = float(curves[:, 1].median())
+    evaluator = BudgetEvaluator(
+        ks=KS, metrics=["psnr"], num_images=8, batch_size=4, targets=[floor], target_shares=[0.5],
+        cache_dir=str(tmp_path),
+    )  # fmt: skip
+    rows = {r["mode"]: r for r in evaluator.evaluate_tokenizer(tok, images, labels)}
+    expected = target_cost(curves, KS, floor, 0.5)
+    fixed, per_image = rows["target-fixed-p0.5"], rows["target-p0.5"]
+    assert fixed["k"] == expected["fixed_k"] and fixed["reached"] >= 0.5 and fixed["floor"] == floor
+    assert per_image["tokens"] == pytest.approx(expected["cost"], rel=1e-6) and per_image["reached"] >= 0.5
+    assert per_image["saving"] == pytest.approx(fixed["tokens"] / per_image["tokens"], rel=1e-6)
+    scalars = budget_scalars(list(rows.values()))
+    assert f"budget/saving@target-p0.5_floor{floor:g}" in scalars
+    with pytest.raises(ValueError, match=r"targets .* need psnr"):
+        BudgetEvaluator(ks=KS, metrics=["rfid"], targets=[20.0])
 
 
 def test_a_generator_with_guidance_and_a_budget(stages, tmp_path):

@@ -10,6 +10,8 @@ Given each image's distortion curve D_i(K) over the grid:
   equal-slope condition: no other allocation with the same total cost has lower total distortion
   (over the grid's convex hull). `solve_lambda` bisects lambda so that the mean cost hits a budget.
 - Threshold rule: the smallest K with D_i(K) <= tau (the largest K when none reaches it).
+- Quality targets (`target_cost`): the question asked the other way round. For a PSNR floor and a
+  share p of the images, what mean K (or K^2) does one fixed K need, and what does a K per image need?
 
 cost is "k" (tokens, storage) or "k2" (attention FLOPs grow with K^2): a budget is always written as
 an equivalent fixed K, so "k2" at budget 8 means mean K_i^2 = 64, the attention cost of K = 8.
@@ -21,6 +23,7 @@ gets them, which on smooth synthetic images are the simple ones).
 
 from __future__ import annotations
 
+from math import ceil
 from typing import Literal, get_args
 
 import torch
@@ -123,6 +126,40 @@ def threshold(d: Tensor, grid: list[int], tau: float) -> Tensor:
         ok.any(1), ok.float().argmax(1), torch.full_like(ok[:, 0], len(grid) - 1, dtype=torch.long)
     )
     return torch.as_tensor(grid, device=d.device)[first]
+
+
+def target_cost(psnr: Tensor, grid: list[int], floor: float, share: float, cost: Cost = "k") -> dict:
+    """What it costs for at least `share` of the images to reach `floor` dB: fixed K vs a K per image.
+
+    psnr (B, G): per-image PSNR over the grid, non-decreasing in K (nested cuts). Fixed: the smallest
+    grid K at which the share of images at or above the floor is >= share (None: no K gets there).
+    Per image: image i needs K*_i, its smallest K at the floor; the ceil(share * B) images with the
+    cheapest K*_i get it and the others take the smallest K. That is the cheapest allocation in which
+    that many images reach the floor (any such allocation pays at least cost(K*_i) for each image that
+    reaches it and cost(grid[0]) for the rest, and this picks the cheapest). Costs are written as an
+    equivalent K as everywhere here (sqrt of mean K^2 for "k2"); `saving` = fixed / per-image cost.
+    """
+    grid = check_grid(grid)
+    if not 0 < share <= 1:
+        raise ValueError(f"share must be in (0, 1], got {share}")
+    costs = cost_of(grid, cost)  # (G,)
+    ok = psnr.double() >= floor  # (B, G)
+    need = ceil(share * len(psnr) - 1e-9)
+    reached = ok.double().mean(0)  # (G,) share at the floor per fixed K
+    hit = (reached * len(psnr) >= need - 1e-9).nonzero()
+    fixed = grid[int(hit[0])] if len(hit) else None
+    first = torch.where(ok.any(1), ok.double().argmax(1), torch.full((len(psnr),), -1))  # (B,) -1: never
+    reachable = (first >= 0).nonzero().squeeze(1)
+    out = {"floor": floor, "share": share, "fixed_k": fixed, "fixed_cost": float(fixed) if fixed else None}
+    if len(reachable) < need:
+        return {**out, "k": None, "cost": None, "saving": None}
+    order = reachable[costs[first[reachable]].argsort(stable=True)][:need]  # cheapest images to lift
+    index = torch.zeros(len(psnr), dtype=torch.long)
+    index[order] = first[order]
+    ks = torch.as_tensor(grid)[index]  # (B,)
+    per_image = float(costs[index].mean()) if cost == "k" else float(costs[index].mean().sqrt())
+    saving = out["fixed_cost"] / per_image if fixed else None
+    return {**out, "k": ks, "cost": per_image, "saving": saving}
 
 
 def k_histogram(ks: Tensor, labels: Tensor, grid: list[int], num_classes: int) -> Tensor:

@@ -163,6 +163,8 @@ def allocate(
     num_classes: int | None = None,
     log_dir: str | None = None,
     seed: int = 0,
+    floors: list[float] | None = None,
+    shares: list[float] | None = None,
 ) -> dict:
     """Choose K_i for every cached image and write allocation.json + k-<split>.npz into the cache.
 
@@ -179,6 +181,10 @@ def allocate(
         num_classes: rows of p(K | class); default max label + 1 over the splits.
         log_dir: TensorBoard folder (default <cache>/tb); each call writes its own run folder in it.
         seed: predictor training seed.
+        floors: PSNR floors (dB) for a quality-target table: for each floor and share, the mean K one
+            fixed K needs for that share of the images to reach it, against a K per image (from the
+            measured curves; stored under "targets" in allocation.json).
+        shares: the shares of that table (default 0.5 0.75 0.9).
 
     Returns:
         The allocation.json content.
@@ -197,6 +203,8 @@ def allocate(
     ks = {s: _choose(d[s], grid, rule, lam, tau, cost, distortion) for s in SPLITS}
     meta = _meta(curves, ks, dict(rule=rule, cost=cost, budget=budget, lam=lam, tau=tau, grid=grid,
                                   distortion=distortion, source=source, num_classes=num_classes))  # fmt: skip
+    if floors:
+        meta["targets"] = targets(curves, grid, floors, shares or [0.5, 0.75, 0.9])
     if report is not None:
         search_lam = _search_lambda(true_d, grid, rule, budget, cost)
         searched = _choose(true_d["val"], grid, rule, search_lam, tau, cost, distortion)
@@ -207,6 +215,8 @@ def allocate(
     )
     tb = write_histograms(Path(log_dir) if log_dir else root / "tb", run_name, curves, ks, meta)
     print(table(meta))
+    if floors:
+        print(target_table(meta["targets"]))
     _summary(root, ks, meta, tb)
     return meta
 
@@ -240,6 +250,37 @@ def write_histograms(log_dir: Path, run: str, curves: dict, ks: dict, meta: dict
             writer.add_scalar(f"{split}/mean_k", meta["mean_k"][split], 0)
             writer.add_scalar(f"{split}/psnr", meta["psnr"][split], 0)
     return path
+
+
+def targets(
+    curves: dict[str, Curves], grid: list[int], floors: list[float], shares: list[float]
+) -> list[dict]:
+    """Quality-target rows per split, floor and share (`vlt.adaptive.allocation.target_cost`)."""
+    rows = []
+    for split in SPLITS:
+        psnr = torch.as_tensor(curves[split].psnr).double()  # (S, G)
+        for floor in floors:
+            for share in shares:
+                t = A.target_cost(psnr, grid, floor, share)
+                rows.append({"split": split, **{k: v for k, v in t.items() if k != "k"}})
+    return rows
+
+
+def target_table(rows: list[dict]) -> str:
+    """Markdown: mean K that a share of the images needs to reach a PSNR floor, fixed vs per image."""
+    fmt = lambda x, spec=".2f": "unreachable" if x is None else format(x, spec)
+    lines = [
+        "tokens for a quality target (share p of the images at or above the floor):",
+        "| split | floor dB | p | fixed K | per-image mean K | fewer tokens |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        saving = "-" if r["saving"] is None else f"{r['saving']:.2f}x"
+        lines.append(
+            f"| {r['split']} | {r['floor']:g} | {r['share']:g} | {fmt(r['fixed_k'], 'd')} | "
+            f"{fmt(r['cost'])} | {saving} |"
+        )
+    return "\n".join(lines)
 
 
 def table(meta: dict) -> str:

@@ -44,7 +44,7 @@ class TokenBudgetCallback(pl.Callback):
             synthetic val shards), for runs whose val loader gives latents; default: the val images.
         The other arguments are `vlt.metrics.budget.BudgetSettings`' (metrics, cfg_scales, extractor,
         weights, cache_dir, dataset_id, seed, budgets, budget_costs, budget_distortion, feature_net,
-        feature_scores, seeds, replicates, confidence).
+        feature_scores, seeds, replicates, confidence, targets, target_shares).
     """
 
     def __init__(
@@ -74,10 +74,13 @@ class TokenBudgetCallback(pl.Callback):
         replicates: int = 200,
         confidence: float = 0.95,
         real_shards: str | None = None,
+        targets: list[float] | None = None,
+        target_shares: list[float] | None = None,
     ) -> None:
         super().__init__()
         given = {"metrics": metrics, "cfg_scales": cfg_scales, "budgets": budgets}
         given |= {"budget_costs": budget_costs, "feature_scores": feature_scores}
+        given |= {"targets": targets, "target_shares": target_shares}
         self.evaluator = BudgetEvaluator(
             ks=ks, num_images=num_images, batch_size=batch_size, extractor=extractor, weights=weights,
             cache_dir=cache_dir, dataset_id=dataset_id, resolution=resolution, seed=seed,

@@ -23,7 +23,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from vlt.adaptive.allocation import allocate, to_distortion
+from vlt.adaptive.allocation import allocate, target_cost, to_distortion
 from vlt.metrics.budget.distributed import gather_rows
 from vlt.metrics.budget.modules import Run
 from vlt.metrics.budget.scorer import columns
@@ -65,6 +65,49 @@ def reconstruction_rows(settings: BudgetSettings, run: Run, psnr_local: Tensor) 
                 row.update(_scores_at(run, ks_all[offset : offset + len(psnr_local)]))
             rows.append(row)
     return rows
+
+
+def target_rows(settings: BudgetSettings, run: Run, psnr_local: Tensor) -> list[dict]:
+    """Quality-target rows: for each PSNR floor and share p, the tokens one fixed K needs for p of the
+    images to reach the floor (mode `target-fixed-p<p>`) and what a K per image needs (`target-p<p>`),
+    from the per-image curves of all ranks. `saving` is the fixed cost over the per-image cost."""
+    grid = settings.ks
+    curves, _ = gather_rows(psnr_local.double())  # (T, G)
+    flops = torch.tensor([float(run.model.budget_flops(k, "reconstruct", 1.0)) for k in grid])  # (G,)
+    rows = []
+    for floor in settings.targets:
+        for share in settings.target_shares:
+            t = target_cost(curves, grid, floor, share)
+            point = {**run.base, "floor": floor}
+            if t["fixed_k"] is not None:
+                ks = torch.full((len(curves),), t["fixed_k"])
+                rows.append(
+                    {**point, "mode": f"target-fixed-p{share:g}", **_at(curves, grid, ks, flops, floor)}
+                )
+            if t["k"] is not None:
+                saving = {"saving": t["saving"]} if t["saving"] is not None else {}
+                rows.append(
+                    {
+                        **point,
+                        "mode": f"target-p{share:g}",
+                        **_at(curves, grid, t["k"], flops, floor),
+                        **saving,
+                    }
+                )
+    return rows
+
+
+def _at(curves: Tensor, grid: list[int], ks: Tensor, flops: Tensor, floor: float) -> dict[str, float]:
+    """Coordinates and values of images i at K ks[i] (T,): mean and RMS K, mean FLOPs, mean PSNR, and
+    the share at or above the floor."""
+    index = torch.searchsorted(torch.as_tensor(grid), ks)  # (T,)
+    at = curves.gather(1, index[:, None]).squeeze(1)  # (T,)
+    k = ks.double()
+    return {
+        "k": float(k.mean()), "tokens": float(k.mean()), "k_rms": float(k.pow(2).mean().sqrt()),
+        "flops": float(flops[index].mean()), "psnr": float(at.mean()),
+        "reached": float((at >= floor).double().mean()),
+    }  # fmt: skip
 
 
 def _scores_at(run: Run, ks: Tensor) -> dict[str, float]:

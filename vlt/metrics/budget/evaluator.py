@@ -21,7 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from vlt import console
-from vlt.metrics.budget.adaptive import generation_rows, reconstruction_rows
+from vlt.metrics.budget.adaptive import generation_rows, reconstruction_rows, target_rows
 from vlt.metrics.budget.data import evaluation_set, read_shard_images
 from vlt.metrics.budget.distributed import all_max, all_sum, gather_rows, world
 from vlt.metrics.budget.modules import GeneratorBudget, Run, TokenizerBudget, module_device
@@ -135,6 +135,8 @@ class BudgetEvaluator(BudgetSettings):
             rows.append({**row, **values})
         if self.budgets and recon:
             rows += reconstruction_rows(self, run, torch.stack(curves, dim=1))  # (B, G)
+        if self.targets and recon:
+            rows += target_rows(self, run, torch.stack(curves, dim=1))
         if self.budgets and gen:
             rows += generation_rows(self, run)
         return rows

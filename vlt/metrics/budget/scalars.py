@@ -1,4 +1,5 @@
-"""Logged names of a curve's values: `budget/<column>@k<K>` for fixed K, `@<mode>_b<budget>` otherwise."""
+"""Logged names of a curve's values: `budget/<column>@k<K>` for fixed K, `@<mode>_b<budget>` for
+adaptive rows and `@<mode>_floor<dB>` for quality-target rows."""
 
 from __future__ import annotations
 
@@ -8,14 +9,19 @@ from typing import Any
 from vlt.metrics.budget.scorer import scalar_name
 
 # Row columns that are coordinates of a point, not values measured at it.
-BASE_COLUMNS = ("step", "epoch", "k", "tokens", "flops", "mode", "budget", "lambda", "k_rms")
+BASE_COLUMNS = ("step", "epoch", "k", "tokens", "flops", "mode", "budget", "lambda", "k_rms", "floor")
 
 
 def row_scalars(row: Mapping[str, Any]) -> dict[str, float]:
     """Scalars of one row: tokens, TFLOPs, every value (intervals included); the generation TFLOPs of
     each guidance scale on fixed-K rows."""
     fixed = row.get("mode", "fixed") == "fixed"
-    tag = f"k{row['k']}" if fixed else f"{row['mode']}_b{row['budget']:g}"
+    if fixed:
+        tag = f"k{row['k']}"
+    elif row.get("floor") not in (None, ""):  # a quality-target row: <mode>_floor<dB>
+        tag = f"{row['mode']}_floor{float(row['floor']):g}"
+    else:
+        tag = f"{row['mode']}_b{row['budget']:g}"
     out = {f"budget/tokens@{tag}": row["tokens"], f"budget/tflops@{tag}": row["flops"] / 1e12}
     for column, value in row.items():
         if column in BASE_COLUMNS or column.startswith("flops"):

@@ -35,6 +35,10 @@ class BudgetSettings:
             `vlt.metrics.budget.adaptive`); rows get mode "adaptive" (equal mean K) or "adaptive-k2".
         budget_costs: which equalities the reconstruction budgets use: "k", "k2" or both.
         budget_distortion: what the reconstruction allocation optimises: "mse" or "neg_psnr".
+        targets: PSNR floors (dB) of quality-target rows (needs psnr): for each floor and share in
+            `target_shares`, the tokens one fixed K needs for that share of the images to reach the floor
+            against a K per image (`vlt.adaptive.allocation.target_cost`).
+        target_shares: shares p of the images that must reach each floor.
         feature_net: the project's trained feature net (a vltnet-<hash>.pt file or its folder); adds
             `<r|g><score>_vltnet` columns beside rfid/gfid.
         feature_scores: which vltnet scores: fd, kid, precision, recall, class_acc.
@@ -60,6 +64,8 @@ class BudgetSettings:
     budgets: list[float] = field(default_factory=list)
     budget_costs: list[str] = field(default_factory=lambda: ["k", "k2"])
     budget_distortion: str = "mse"
+    targets: list[float] = field(default_factory=list)
+    target_shares: list[float] = field(default_factory=lambda: [0.5, 0.75, 0.9])
     feature_net: str | None = None
     feature_scores: list[str] = field(default_factory=lambda: ["fd", "kid", "precision", "recall"])
     seeds: int = 1
@@ -110,6 +116,10 @@ class BudgetSettings:
                     f"budget {b} lies outside the evaluated K range [{self.ks[0]}, {self.ks[-1]}]: extend ks"
                 )
         to_distortion(0.0, self.budget_distortion)  # validates the name
+        if self.targets and "psnr" not in self.metrics:
+            raise ValueError("targets (PSNR floors) need psnr in metrics: they are read off the PSNR curves")
+        if any(not 0 < p <= 1 for p in self.target_shares):
+            raise ValueError(f"target_shares must lie in (0, 1], got {self.target_shares}")
 
     def suffix(self, scale: float | str) -> str:
         """Column suffix of a scale: `_w{scale}` (`_wcfg` for "config") when several are evaluated."""
