@@ -92,7 +92,7 @@ class ProgressLines(pl.Callback):
 
 # Logged names worth a headline: per-K PSNR or loss and the token-budget scores, not tokens/FLOPs/intervals.
 _HEADLINE_PREFIXES = ("val/psnr@", "val/loss@", "budget/")
-_NOT_HEADLINE = ("budget/tokens", "budget/tflops", "budget/gen_tflops", "_ci", "_lo", "_hi")
+_NOT_HEADLINE = ("budget/tokens", "budget/tflops", "budget/gen_tflops", "_ci", "_lo", "_hi", "@target")
 
 
 def _natural(key: str) -> tuple:
