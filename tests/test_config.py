@@ -148,3 +148,15 @@ def test_paper_dit_configs_carry_the_reference_sampler(preset, capsys):
     assert (flow["timestep_shift"], flow["sample_steps"], flow["sampler"]) == (0.3, 24, "euler")
     assert {int(k): w for k, w in flow["cfg_scales"].items()} == {32: 10.5, 64: 8.0, 128: 6.5}
     assert list(flow["cfg_interval"]) == [0.1, 1.0]
+
+
+@pytest.mark.parametrize("command", ["test", "predict"])
+def test_test_and_predict_are_refused_with_the_commands_that_exist(command, capsys):
+    from vlt.lit.cli import VLTCLI
+
+    with pytest.raises(SystemExit, match=rf"vlt {command}: not available: no vlt stage has a {command}_step"):
+        vlt([command, "-c", str(ROOT / "conf/tokenizer/tiny.yaml")])
+    assert set(VLTCLI.subcommands()) == {"fit", "validate"}
+    with pytest.raises(SystemExit):
+        vlt(["--help"])
+    assert "{fit,validate}" in capsys.readouterr().out

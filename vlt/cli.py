@@ -1,14 +1,16 @@
 """The `vlt` command: Lightning's subcommands plus vlt's own tools.
 
-    vlt [-q] fit|validate|test|predict -c conf/<stage>/<preset>.yaml [--key=value ...]
-    vlt data synthetic|photos|folder ...        build webdataset shards
+    vlt [-q] fit|validate -c conf/<stage>/<preset>.yaml [--key=value ...]
+    vlt data synthetic|photos|folder|imagenet ...             build webdataset shards
     vlt cache-latents ... / vlt sample ... / vlt curves ...   (stage tools)
     vlt export CKPT OUT                                       stage checkpoint -> export folder(s)
     vlt allocate --cache <latents> --budget <mean K> ...      per-image K over the nested grid
 
-This module imports neither torch nor Lightning: a tool's module is imported only when it runs, and
-`fit` & co. import `vlt.lit.cli` (the only module that knows YAML configs). `-q` (or VLT_QUIET=1)
-silences progress and summaries. List options take space-separated values (`--k 8 16`).
+Lightning's `test` and `predict` are refused (no stage has a test_step or predict_step): `vlt validate`
+scores a checkpoint on the val data, `vlt sample` generates. This module imports neither torch nor
+Lightning: a tool's module is imported only when it runs, and `fit` & co. import `vlt.lit.cli` (the
+only module that knows YAML configs). `-q` (or VLT_QUIET=1) silences progress and summaries. List
+options take space-separated values (`--k 8 16`).
 """
 
 from __future__ import annotations
@@ -36,6 +38,8 @@ TOOLS: dict[str, str] = {
 }
 # Positional paths a tool takes before its options: `vlt export CKPT OUT`, `vlt curves RUN [RUN ...]`.
 LEADING: dict[str, tuple[str, ...]] = {"export": ("ckpt", "out"), "curves": ("runs",)}
+# Lightning subcommands the stages do not implement (vlt.lit.cli.SUBCOMMANDS are the ones offered).
+UNSUPPORTED: tuple[str, ...] = ("test", "predict")
 _NUMBER = re.compile(r"^-?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$")
 
 
@@ -152,6 +156,12 @@ def main(argv: list[str] | None = None) -> None:
     if args and args[0] in TOOLS:
         run_tool(args[0], args[1:])
         return
+    if args and args[0] in UNSUPPORTED:
+        raise SystemExit(
+            f"vlt {args[0]}: not available: no vlt stage has a {args[0]}_step. Use `vlt validate -c CONFIG "
+            f"--ckpt_path CKPT` to score a checkpoint on the val data, `vlt sample` to generate. Commands: "
+            f"fit, validate, {', '.join(TOOLS)}"
+        )
     if args and args[0] in ("-h", "--help"):
         print(f"vlt tools (each has --help): {', '.join(TOOLS)}\n")
     from vlt.lit.cli import VLTCLI

@@ -37,7 +37,11 @@ opts=(--parsable --nodes="$NODES")
 [ "$GPUS" -gt 0 ] && opts+=(--gres="gpu:$GPUS")
 
 case "$sub" in
-  fit|validate|test|predict)
+  test|predict)
+    echo "submit.sh: vlt $sub is not available (no stage has a ${sub}_step); use validate" >&2
+    exit 2
+    ;;
+  fit|validate)
     # Stage config(s) first, then the SLURM trainer settings, then the user's overrides.
     args=("$sub")
     while [ $# -gt 0 ]; do

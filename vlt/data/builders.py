@@ -1,4 +1,4 @@
-"""`vlt data synthetic|photos|folder`: build webdataset shard sets (see vlt.data.shards for the layout).
+"""`vlt data synthetic|photos|folder|imagenet`: build webdataset shard sets (layout: vlt.data.shards).
 
 Each command is a plain typed function: its signature and docstring ARE the command line
 (`jsonargparse.CLI(COMMANDS, as_positional=False)`). Each shows a progress bar, prints one summary
@@ -21,6 +21,7 @@ from PIL import Image
 
 from vlt import console
 from vlt.data import folder as folder_lib
+from vlt.data import imagenet as imagenet_lib
 from vlt.data import photos as photo_lib
 from vlt.data import synthetic as synthetic_lib
 from vlt.data.shards import SplitWriter
@@ -196,6 +197,31 @@ def photos(
         return _finish("photos", writer, info, len(failed), t0)
 
 
+def _write_files(
+    writer: SplitWriter, encode, jobs: list[tuple], split_of: dict[Path, str], root, desc, workers, progress
+) -> int:
+    """Run the file jobs `(entry, ...)` through `encode` (in a pool when workers > 1) and write each
+    result to the split `split_of[entry.path]`; returns how many files were skipped as undecodable
+    (the first 5 printed with their errors).
+
+    `encode` returns (entry, bytes or None, extension, error) and never raises
+    (`vlt.data.folder.encode_file`, `vlt.data.imagenet.encode_adm`).
+    """
+    skipped, bad = 0, []
+    with _pool(workers) as pool:
+        results = pool.imap(encode, jobs, chunksize=16) if pool else map(encode, jobs)
+        for entry, data, ext, error in _bar(results, total=len(jobs), desc=desc, show=progress):
+            if data is None:
+                skipped += 1
+                bad.append(f"{entry.path}: {error}")
+                continue
+            meta = {"complexity": -1, "source": str(entry.path.relative_to(root))}
+            writer.write(split_of[entry.path], entry.key, image=data, ext=ext, label=entry.label, meta=meta)
+    for line in bad[:5]:
+        print(f"{desc}: skipped {line}")
+    return skipped
+
+
 def folder(
     root: str,
     out: str,
@@ -227,21 +253,11 @@ def folder(
     entries, classes = folder_lib.scan(root)
     n_val = round(val_fraction * len(entries))
     val_idx = set(np.random.default_rng(seed).permutation(len(entries))[:n_val].tolist())
-    split_of = {e.key: "val" if i in val_idx else "train" for i, e in enumerate(entries)}
+    split_of = {e.path: "val" if i in val_idx else "train" for i, e in enumerate(entries)}
     jobs = [(e, resize) for e in entries]
-    skipped, bad = 0, []
-    with SplitWriter(out, shard_size=shard_size) as writer, _pool(workers) as pool:
+    with SplitWriter(out, shard_size=shard_size) as writer:
         encode = folder_lib.encode_file
-        results = pool.imap(encode, jobs, chunksize=16) if pool else map(encode, jobs)
-        for entry, data, ext, error in _bar(results, total=len(jobs), desc="folder", show=progress):
-            if data is None:
-                skipped += 1
-                bad.append(f"{entry.path}: {error}")
-                continue
-            meta = {"complexity": -1, "source": str(entry.path.relative_to(root))}
-            writer.write(split_of[entry.key], entry.key, image=data, ext=ext, label=entry.label, meta=meta)
-        for line in bad[:5]:
-            print(f"folder: skipped {line}")
+        skipped = _write_files(writer, encode, jobs, split_of, root, "folder", workers, progress)
         info = {
             "builder": "folder",
             "image_size": resize,
@@ -249,6 +265,79 @@ def folder(
             "args": {"root": str(Path(root)), "resize": resize, "val_fraction": val_fraction, "seed": seed},
         }
         return _finish("folder", writer, info, skipped, t0)
+
+
+def _imagenet_entries(
+    root: str, val: bool, val_labels: str | None, val_synsets: str | None
+) -> tuple[list, list, list[str]]:
+    """(train entries, val entries, sorted synsets) of an ImageNet root; every val image labelled."""
+    train_dir, val_dir = imagenet_lib.find_splits(root)
+    train, synsets = imagenet_lib.train_entries(train_dir)
+    if not val:
+        return train, [], synsets
+    if not val_dir.is_dir():
+        raise ValueError(f"{val_dir} does not exist: unpack the val images there, or pass --val false")
+    labels = imagenet_lib.read_val_labels(val_labels, val_synsets) if val_labels is not None else None
+    return train, imagenet_lib.val_entries(val_dir, synsets, labels, str(val_labels)), synsets
+
+
+def imagenet(
+    root: str,
+    out: str = "data/imagenet/shards",
+    val_labels: str | None = None,
+    val_synsets: str | None = None,
+    resolution: int = 256,
+    quality: int = imagenet_lib.JPEG_QUALITY,
+    val: bool = True,
+    shard_size: int = 1000,
+    workers: int = 2,
+    progress: bool = True,
+) -> dict:
+    """ImageNet (ILSVRC-2012) -> shards of ADM centre crops at `resolution`, stored as JPEG.
+
+    Classes are the sorted WordNet ids of ROOT/train (the standard 0..999 index; info.json "classes").
+    Train and val are ImageNet's own folders: no val split is cut out of train. Each image is cropped
+    ONCE, here, with the ADM protocol (`vlt.data.transforms.adm_center_crop`: BOX halvings, BICUBIC
+    short side, centre square) and re-encoded as JPEG (quality 95, 4:4:4 chroma; no PNG). The shards
+    hold (resolution, resolution) images, so WebDataModule, `vlt cache-latents` and the real-image
+    FID reader at image_size=resolution read exactly the protocol's pixels (their own resize and crop
+    are no-ops) and the stage configs need no special transform; the price is one shard set per
+    resolution and one JPEG generation on top of ImageNet's own. Undecodable files are skipped and
+    counted. Layouts and labels files: `vlt.data.imagenet`.
+
+    Args:
+        root: ImageNet folder holding train/ and val/ (or the Kaggle download's Data/CLS-LOC/).
+        out: output folder for <split>-NNNNNN.tar shards and info.json.
+        val_labels: labels of a flat val folder: Kaggle's LOC_val_solution.csv, the devkit's
+            ILSVRC2012_validation_ground_truth.txt (needs val_synsets) or '<file> <wnid>' lines.
+            Not needed when val/ is sorted into <wnid>/ folders.
+        val_synsets: ILSVRC2012_ID -> wnid for the devkit's ground truth: data/meta.mat of the
+            devkit, or '<ILSVRC2012_ID> <wnid>' lines.
+        resolution: side of the stored square crops (256, 512, ...).
+        quality: JPEG quality of the stored crops.
+        val: also build the val split (false: train only).
+        shard_size: samples per shard.
+        workers: processes that decode/crop/encode (1 = in this process).
+        progress: show a progress bar.
+    """
+    if resolution < 1 or not 1 <= quality <= 100:
+        raise ValueError(f"resolution={resolution} must be >= 1 and quality={quality} within 1..100")
+    t0 = time.perf_counter()
+    train, val_set, synsets = _imagenet_entries(root, val, val_labels, val_synsets)
+    split_of = {e.path: "train" for e in train} | {e.path: "val" for e in val_set}
+    jobs = [(e, resolution, quality) for e in [*train, *val_set]]
+    with SplitWriter(out, shard_size=shard_size) as writer:
+        encode = imagenet_lib.encode_adm
+        skipped = _write_files(writer, encode, jobs, split_of, root, "imagenet", workers, progress)
+        info = {
+            "builder": "imagenet",
+            "image_size": resolution,
+            "classes": synsets,
+            "transform": "adm_center_crop",
+            "encoding": {"format": "jpeg", "quality": quality, "subsampling": "4:4:4"},
+            "args": {"root": str(Path(root)), "val_labels": val_labels, "val_synsets": val_synsets},
+        }
+        return _finish("imagenet", writer, info, skipped, t0)
 
 
 def embedded_shards(root: str = "data", *, build: bool = True, progress: bool = False) -> dict[str, Path]:
@@ -269,4 +358,4 @@ def embedded_shards(root: str = "data", *, build: bool = True, progress: bool = 
     return folders
 
 
-COMMANDS = [synthetic, photos, folder]
+COMMANDS = [synthetic, photos, folder, imagenet]

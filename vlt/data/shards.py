@@ -22,6 +22,16 @@ PIPE_ENV = "VLT_ALLOW_PIPE"
 HINT = "build the embedded sets with `make data` (or `vlt data ...`), or check the path"
 
 
+def shard_name(split: str, index: int) -> str:
+    """File name of shard `index` of a split, as `SplitWriter` writes it: `train-000042.tar`."""
+    return f"{split}-{index:06d}.tar"
+
+
+def shard_names(split: str, n_samples: int, shard_size: int) -> list[str]:
+    """The shard files `SplitWriter` writes for `n_samples` samples at `shard_size` per shard."""
+    return [shard_name(split, i) for i in range(-(-n_samples // shard_size))]
+
+
 def _is_remote(spec: str) -> bool:
     return spec.startswith("pipe:") or "://" in spec
 
@@ -84,7 +94,8 @@ class SplitWriter:
     """Writes samples into `<out>/<split>-%06d.tar` shards (one ShardWriter per split) and info.json.
 
     Use as a context manager; `write(split, key, image=..., ext=..., label=..., meta=...)` adds one
-    sample, `counts` and `shards` tell what was written, `close(info)` writes info.json.
+    sample, `counts` and `shards` tell what was written, `close(info)` writes info.json, which lists
+    the samples and the shard files of each split ("counts", "split_shards": {split: [names]}).
     """
 
     def __init__(self, out: str | Path, *, shard_size: int) -> None:
@@ -103,7 +114,7 @@ class SplitWriter:
         if split not in SPLITS:
             raise ValueError(f"split={split!r} is not one of {SPLITS}")
         if split not in self._writers:
-            pattern = str(self.out / f"{split}-%06d.tar")
+            pattern = str(self.out / f"{split}-%06d.tar")  # the names of `shard_name`
             import webdataset as wds  # here: it imports torch, which the builders do not need
 
             self._writers[split] = wds.ShardWriter(pattern, maxcount=self.shard_size, verbose=0, mtime=0)
@@ -125,9 +136,11 @@ class SplitWriter:
     def close(self, info: dict[str, Any]) -> int:
         """Close all shards, write info.json (counts and shard count added); returns the shard count."""
         n_shards = self.shards
+        names = {s: [shard_name(s, i) for i in range(w.shard)] for s, w in self._writers.items()}
         for writer in self._writers.values():
             writer.close()
         full = {"counts": {s: self.counts.get(s, 0) for s in SPLITS}, "shards": n_shards, **info}
+        full["split_shards"] = {s: names.get(s, []) for s in SPLITS}
         (self.out / "info.json").write_text(json.dumps(full, indent=2, sort_keys=True) + "\n")
         return n_shards
 

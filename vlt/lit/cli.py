@@ -1,4 +1,4 @@
-"""`vlt fit|validate|test|predict`: Lightning's CLI with vlt's defaults (imported only for those commands).
+"""`vlt fit|validate`: Lightning's CLI with vlt's defaults (imported only for those commands).
 
 Config files are parsed by jsonargparse in "omegaconf+" mode: `${...}` interpolations resolve after
 command-line overrides are applied. What a person sees is set here too: Lightning's progress bar on a
@@ -31,6 +31,9 @@ CHECKPOINT_ARGS: dict[str, str] = {
     "init_from_tokenizer": "tokenizer",
     "init_from_dit": "dit",
 }
+# Lightning's subcommands that vlt's stages support: none has a test_step or predict_step, so `test` and
+# `predict` are not offered (vlt.cli refuses them with a message; `vlt validate` evaluates a checkpoint).
+SUBCOMMANDS: tuple[str, ...] = ("fit", "validate")
 # The stage of each LightningModule, for `--ckpt_path`.
 MODEL_STAGES: dict[str, str] = {"LitTokenizer": "tokenizer", "LitDiT": "dit", "LitJoint": "joint"}
 
@@ -55,6 +58,11 @@ class VLTCLI(LightningCLI):
             args=args,
             run=run,
         )
+
+    @staticmethod
+    def subcommands() -> dict[str, set[str]]:
+        """Lightning's subcommands less `test` and `predict` (no stage has their steps)."""
+        return {name: skip for name, skip in LightningCLI.subcommands().items() if name in SUBCOMMANDS}
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         # Top-level keys used only for interpolation must be declared arguments.
