@@ -4,6 +4,7 @@
     vlt data synthetic|photos|folder|imagenet ...             build webdataset shards
     vlt cache-latents ... / vlt sample ... / vlt curves ...   (stage tools)
     vlt export CKPT OUT                                       stage checkpoint -> export folder(s)
+    vlt eval SAMPLES --ref REF [--features inception|vltnet|proxy]   FID, sFID, IS, P/R, KID (ADM protocol)
     vlt allocate --cache <latents> --budget <mean K> ...      per-image K over the nested grid
 
 Lightning's `test` and `predict` are refused (no stage has a test_step or predict_step): `vlt validate`
@@ -35,9 +36,10 @@ TOOLS: dict[str, str] = {
     "curves": "vlt.callbacks.curves:curves",
     "allocate": "vlt.adaptive.command:allocate",
     "features": "vlt.metrics.features:features",
+    "eval": "vlt.tools.evaluate:evaluate_samples",
 }
 # Positional paths a tool takes before its options: `vlt export CKPT OUT`, `vlt curves RUN [RUN ...]`.
-LEADING: dict[str, tuple[str, ...]] = {"export": ("ckpt", "out"), "curves": ("runs",)}
+LEADING: dict[str, tuple[str, ...]] = {"export": ("ckpt", "out"), "curves": ("runs",), "eval": ("samples",)}
 # Lightning subcommands the stages do not implement (vlt.lit.cli.SUBCOMMANDS are the ones offered).
 UNSUPPORTED: tuple[str, ...] = ("test", "predict")
 _NUMBER = re.compile(r"^-?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$")
@@ -123,6 +125,16 @@ def join_list_options(fn: Callable, args: list[str], prog: str) -> list[str]:
     return out
 
 
+def underscore_options(fn: Callable, args: list[str]) -> list[str]:
+    """`--batch-size 8` -> `--batch_size 8` for the parameters of `fn` (both spellings work)."""
+    params = set(inspect.signature(fn).parameters)
+    out = []
+    for a in args:
+        name, eq, value = a[2:].partition("=") if a.startswith("--") else ("", "", "")
+        out.append(f"--{name.replace('-', '_')}{eq}{value}" if name.replace("-", "_") in params else a)
+    return out
+
+
 def run_tool(tool: str, rest: list[str]) -> Any:
     import jsonargparse
 
@@ -144,7 +156,7 @@ def run_tool(tool: str, rest: list[str]) -> Any:
         if rest and rest[0] in by_name:
             rest = rest[:1] + join_list_options(by_name[rest[0]], rest[1:], f"{prog} {rest[0]}")
     else:
-        rest = join_list_options(target, rest, prog)
+        rest = join_list_options(target, underscore_options(target, rest), prog)
     return jsonargparse.CLI(target, args=rest, prog=prog, as_positional=False)
 
 
