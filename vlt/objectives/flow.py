@@ -14,6 +14,8 @@ unmerged prediction, where token j's error counts once for each of its m_j slots
 
 from __future__ import annotations
 
+import hashlib
+from collections.abc import Sequence
 from dataclasses import dataclass
 from itertools import pairwise
 from typing import Literal, NamedTuple
@@ -97,12 +99,37 @@ def eval_times(steps: int, method: str, shift: float = 1.0) -> list[float]:
     return grid[:-1]
 
 
-def pooled_noise(b: int, gbar: Tensor, c: int, generator: torch.Generator | None = None) -> Tensor:
-    """Gbar^T eps, eps ~ N(0, I_N) per channel. gbar: (N, K) or (B, N, K) -> (B, K, C), var 1/m_j."""
-    # Drawn on the generator's device, so one seed gives the same noise whatever device gbar is on.
-    device = generator.device if generator is not None else gbar.device
-    eps = torch.randn(b, gbar.shape[-2], c, generator=generator, device=device)  # (B, N, C)
+def pooled_noise(
+    b: int, gbar: Tensor, c: int, generator: torch.Generator | None = None, eps: Tensor | None = None
+) -> Tensor:
+    """Gbar^T eps, eps ~ N(0, I_N) per channel. gbar: (N, K) or (B, N, K) -> (B, K, C), var 1/m_j.
+
+    `eps` (B, N, C): full-space noise drawn by the caller (e.g. `indexed_noise`, one seed per image);
+    None draws it here from `generator`."""
+    if eps is None:
+        # Drawn on the generator's device, so one seed gives the same noise whatever device gbar is on.
+        device = generator.device if generator is not None else gbar.device
+        eps = torch.randn(b, gbar.shape[-2], c, generator=generator, device=device)  # (B, N, C)
+    elif eps.shape[0] != b or eps.shape[-1] != c or eps.shape[1] != gbar.shape[-2]:
+        raise ValueError(f"noise of shape {tuple(eps.shape)} for B={b}, N={gbar.shape[-2]}, C={c}")
     return merge(eps.to(gbar.device), gbar)  # (B, K, C)
+
+
+def image_seed(seed: int, index: int, k: int) -> int:
+    """A 63-bit seed that depends on (seed, global image index, K) only: hash-mixed, not seed + index,
+    so neighbouring seeds do not share images shifted by one index."""
+    digest = hashlib.blake2b(f"vlt-sample:{seed}:{k}:{index}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & (2**63 - 1)
+
+
+def indexed_noise(seed: int, indices: Sequence[int], k: int, n: int, c: int) -> Tensor:
+    """Full-space noise eps (B, N, C) ~ N(0, I_N), image i's from its own CPU generator seeded with
+    `image_seed(seed, i, k)`: an image's noise does not depend on its batch, rank or world size."""
+    rows = [
+        torch.randn(n, c, generator=torch.Generator().manual_seed(image_seed(seed, int(i), k)))
+        for i in indices
+    ]
+    return torch.stack(rows)  # (B, N, C)
 
 
 def token_weights(sizes: Tensor) -> Tensor:
@@ -192,6 +219,7 @@ class RectifiedFlow:
         generator: torch.Generator | None = None,
         channels: int | None = None,
         null_label: int | None = None,
+        noise: Tensor | None = None,
     ) -> Tensor:
         """Integrate the ODE from pooled noise (t = 0) to data (t = 1).
 
@@ -203,6 +231,8 @@ class RectifiedFlow:
             cfg_scale, cfg_interval: guidance weight w and the t-interval where it applies
                 (see `vlt.objectives.guidance`).
             generator: makes the starting noise reproducible.
+            noise: (B, N, C) full-space starting noise eps instead of drawing it from `generator`
+                (pooled here as Gbar^T eps, like drawn noise; see `indexed_noise`).
             channels, null_label: default to `model.cfg.channels` and `model.null_label`.
 
         Returns:
@@ -216,7 +246,7 @@ class RectifiedFlow:
         was_training = model.training
         model.eval()
         try:
-            x = pooled_noise(y.shape[0], gbar, c, generator)  # (B, K, C)
+            x = pooled_noise(y.shape[0], gbar, c, generator, eps=noise)  # (B, K, C)
             for t0, t1 in pairwise(time_grid(steps, shift)):
                 v0 = self._velocity(model, x, t0, y, gbar, sizes, guide)  # (B, K, C)
                 if method == "heun":

@@ -129,9 +129,11 @@ class LatentGenerator(nn.Module):
         cfg_scale: float | None = None,
         steps: int | None = None,
         generator: torch.Generator | None = None,
+        noise: Tensor | None = None,
     ) -> Tensor:
         """Sample tokens (B, K, C) in the tokenizer's latent space (denormalised); `cfg_scale` None
-        takes the spec's scale for this K (`FlowSpec.scale_at`)."""
+        takes the spec's scale for this K (`FlowSpec.scale_at`); `noise` (B, N, C) is full-space
+        starting noise (`vlt.objectives.flow.indexed_noise`) instead of drawing it from `generator`."""
         spec, device = self.spec, self.latent_mean.device
         x = self.flow.sample(
             self.dit,
@@ -144,6 +146,7 @@ class LatentGenerator(nn.Module):
             cfg_scale=spec.scale_at(k) if cfg_scale is None else cfg_scale,
             cfg_interval=spec.cfg_interval,
             generator=generator,
+            noise=noise,
         )  # (B, K, C)
         return self.denormalise(x)
 
