@@ -90,6 +90,37 @@ class ProgressLines(pl.Callback):
             print(f"fit {self.name}: {steps} steps in {duration(self._lines.elapsed)}", flush=True)
 
 
+class PredictLines(pl.Callback):
+    """A status line every `every` seconds of a predict loop (rank zero's batches), for pipes.
+
+    Args:
+        name: the command, at the start of each line ("sample: batch 3/40 (8%) ...").
+        every: seconds between lines (default: `VLT_PROGRESS_EVERY`, else 20).
+    """
+
+    def __init__(self, name: str, every: float | None = None) -> None:
+        self.name, self.every = name, every
+        self._lines: StatusLines | None = None
+        self._done = 0
+
+    @rank_zero_only
+    def on_predict_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        total = int(sum(trainer.num_predict_batches))
+        self._lines, self._done = StatusLines(f"{self.name}: batch", total, every=self.every), 0
+        print(f"{self.name}: {total} batches to make on rank 0 of {trainer.world_size}", flush=True)
+
+    @rank_zero_only
+    def on_predict_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        if self._lines is not None:
+            self._done += 1
+            self._lines.update(self._done)
+
+    @rank_zero_only
+    def on_predict_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._lines is not None and self._lines.last_done != self._done:
+            self._lines.update(self._done, force=True)
+
+
 # Logged names worth a headline: per-K PSNR or loss and the token-budget scores, not tokens/FLOPs/intervals.
 _HEADLINE_PREFIXES = ("val/psnr@", "val/loss@", "budget/")
 _NOT_HEADLINE = ("budget/tokens", "budget/tflops", "budget/gen_tflops", "_ci", "_lo", "_hi", "@target")
