@@ -99,8 +99,8 @@ cache-latents: $(LATENTS)/done-train-r0.json ## encode the synthetic shards with
 train-dit: $(STAMP) $(FEATURES) $(LATENTS)/done-train-r0.json ## stage 2: train the DiT on cached latents (CONFIG=conf/dit/tiny.yaml)
 	$(call launch,fit -c $(or $(CONFIG),conf/dit/tiny.yaml) --latents=$(LATENTS) --model.init_args.tokenizer=$(TOKENIZER))
 
-sample: $(STAMP) ## sample grids + npz at every K from DIT (ARGS="--budget 8": per-image K at a mean budget)
-	$(BIN)/vlt sample --dit $(DIT) --out $(dir $(patsubst %/,%,$(dir $(DIT))))samples $(ARGS)
+sample: $(STAMP) ## sample grids + npz at every K from DIT (ARGS="--count 50000 --batch-size 250": FID-50K; LAUNCH=slurm)
+	$(call launch,sample --dit $(DIT) --out $(dir $(patsubst %/,%,$(dir $(DIT))))samples)
 
 $(DIT):
 	$(MAKE) --no-print-directory train-dit CONFIG= ARGS= LAUNCH=local

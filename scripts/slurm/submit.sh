@@ -12,7 +12,9 @@
 # Lightning subcommands (fit/validate/test/predict) get conf/trainer/slurm.yaml (slurm_cpu.yaml when
 # GPUS=0) right after the stage config, then --trainer.num_nodes/--trainer.devices matching the job.
 # Their logs go to the run directory (runs/<name>/slurm-<jobid>.out); for fit the stale-run check runs
-# here first, so a job that would be refused is never queued. Prints the job id and the run directory.
+# here first, so a job that would be refused is never queued. `vlt sample` also runs one task per device
+# (its predict loop) with --num_nodes/--devices/--accelerator matching the job; other tools run one task
+# per node with logs in runs/slurm/. Prints the job id and the run directory.
 set -euo pipefail
 
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -64,6 +66,15 @@ print(c.get("ckpt_path") or "")')"
       "$PYTHON" -m vlt.runs check "$run_dir" ${ckpt_path:+--ckpt_path="$ckpt_path"}
     fi
     name="vlt-$(basename "$run_dir")"
+    opts+=(--ntasks-per-node="$TASKS")
+    ;;
+  sample)
+    # One task per device like fit: `vlt sample` runs Lightning's predict loop, which reads its rank from
+    # srun; the options that must match the allocation come last (Lightning refuses a mismatch).
+    accel=gpu; [ "$GPUS" -gt 0 ] || accel=cpu
+    args=(sample "$@" "--num_nodes=$NODES" "--devices=$TASKS" "--accelerator=$accel")
+    run_dir="runs/slurm"
+    name="vlt-sample"
     opts+=(--ntasks-per-node="$TASKS")
     ;;
   *)
