@@ -14,11 +14,13 @@ sample's json meta and a curves sidecar for `vlt allocate`.
 
 Under torchrun/srun each rank reads its exactly-once share of the shards (the validation pipeline
 of `WebDataModule`) and writes its own files; statistics combine on read, so no process group is
-needed.
+needed. The rank comes from Slurm's or torchrun's variables (`_rank_world`), and a job run again after
+some ranks finished (same world size) redoes only the others.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from dataclasses import dataclass, field
@@ -40,7 +42,26 @@ from vlt.types import ImageBatch
 
 
 def _rank_world() -> tuple[int, int]:
+    """This process's global rank and the world size, found the way Lightning's Trainer finds them: a
+    Slurm job step's SLURM_PROCID/SLURM_NTASKS (so `srun` over several nodes works), torchrun's
+    RANK/WORLD_SIZE, else 0 of 1. A Slurm rank is exported as RANK/WORLD_SIZE, which webdataset splits
+    the shards by (srun sets neither)."""
+    from lightning.fabric.plugins.environments import SLURMEnvironment
+
+    if SLURMEnvironment.detect():
+        slurm = SLURMEnvironment()
+        os.environ["RANK"], os.environ["WORLD_SIZE"] = str(slurm.global_rank()), str(slurm.world_size())
     return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
+def _rank_finished(cache: LatentCache, split: str, rank: int, world: int) -> bool:
+    """This rank's part of an unfinished split was written by an earlier run of the same world size: a
+    restarted job (killed, requeued) redoes only the ranks without a completion record. A split that
+    every rank finished is still refused (or rebuilt with --overwrite) by `LatentCache.start`."""
+    done = cache._file("done", split, rank)  # the cache's own layout of completion records
+    if not done.is_file() or cache.is_finished(split):
+        return False
+    return json.loads(done.read_text()).get("world_size") == world
 
 
 @dataclass
@@ -139,6 +160,9 @@ def cache_latents(
     rank, world = _rank_world()
     check_name(split, "--split")
     cache = LatentCache(out)
+    if not overwrite and _rank_finished(cache, split, rank, world):
+        print(f"cache-latents: rank {rank}/{world} of {split} is finished in {cache.root}; skipping it")
+        return cache.root
     cache.start(split, rank, overwrite=overwrite)
     model = load(tokenizer, part="tokenizer").eval()
     cfg = model.cfg
