@@ -105,3 +105,10 @@ def test_seed_decides_the_images_and_a_resume_must_match_the_settings(generator,
         sample(**common, seed=2, out=str(tmp_path / "a"))
     with pytest.raises(ValueError, match=r"--k \[5\]: this generator serves K = \[4, 8, 32\]"):
         sample(**{**common, "k": [5]}, out=str(tmp_path / "d"))
+
+
+def test_budget_mode_still_samples_one_k_per_image(generator, tmp_path):
+    written = sample(dit=str(generator), budget=12, count=6, out=str(tmp_path))
+    assert [p.name for p in written] == ["grid_budget12.png", "samples_budget12.npz"]
+    saved = np.load(tmp_path / "samples_budget12.npz")
+    assert saved["arr_0"].shape == (6, 32, 32, 3) and set(saved["ks"].tolist()) <= set(KS)

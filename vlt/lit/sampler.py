@@ -9,7 +9,7 @@ Letters: B images of a batch, N slots, C channels, K tokens.
 
 Image i of K starts from noise seeded by (seed, i, K) only (`vlt.objectives.flow.indexed_noise`) and
 batch b always holds the indices [b B, (b + 1) B): the images do not depend on the number of processes,
-and a part made by one run is the part any other run would make (`vlt.tools.sample_parts`).
+and a part made by one run is the part any other run would make (`vlt.data.sample_parts`).
 """
 
 from __future__ import annotations
@@ -22,10 +22,10 @@ import torch
 from lightning.pytorch.callbacks import BasePredictionWriter
 from torch.utils.data import DataLoader, Dataset
 
+from vlt.data.sample_parts import SampleParts, batch_indices, batches
 from vlt.data.transforms import to_uint8
 from vlt.objectives.flow import indexed_noise
 from vlt.stages import LatentGenerator
-from vlt.tools.sample_parts import SampleParts, batch_indices, batches
 
 
 class SampleBatches(Dataset):
@@ -105,7 +105,6 @@ class LitSampler(pl.LightningModule):
             "labels": y.cpu().numpy(),
             "index": index.cpu().numpy().astype(np.int64),
         }
-
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         """Slurm's requeue signal makes Lightning save an hpc checkpoint even in predict: keep it small.

@@ -61,7 +61,10 @@ def _rank_finished(cache: LatentCache, split: str, rank: int, world: int) -> boo
     done = cache._file("done", split, rank)  # the cache's own layout of completion records
     if not done.is_file() or cache.is_finished(split):
         return False
-    return json.loads(done.read_text()).get("world_size") == world
+    if json.loads(done.read_text()).get("world_size") != world:
+        return False
+    print(f"cache-latents: rank {rank}/{world} of {split} is finished in {cache.root}; skipping it")
+    return True
 
 
 @dataclass
@@ -161,7 +164,6 @@ def cache_latents(
     check_name(split, "--split")
     cache = LatentCache(out)
     if not overwrite and _rank_finished(cache, split, rank, world):
-        print(f"cache-latents: rank {rank}/{world} of {split} is finished in {cache.root}; skipping it")
         return cache.root
     cache.start(split, rank, overwrite=overwrite)
     model = load(tokenizer, part="tokenizer").eval()

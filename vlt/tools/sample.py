@@ -115,8 +115,8 @@ def sample_on_devices(
     precision: str | None,
 ) -> list[Path]:
     """Every missing batch of every K on Lightning's predict loop, then (rank zero) one npz + grid per K."""
+    from vlt.data.sample_parts import SampleParts
     from vlt.lit.sampler import LitSampler, PartWriter, SampleData  # only `vlt sample` pays for Lightning
-    from vlt.tools.sample_parts import SampleParts
 
     unknown = sorted(set(ks) - set(model.ks))
     if unknown:
@@ -173,7 +173,7 @@ def _trainer(writer, root: Path, **options):
 
 def finish_k(parts, k: int, settings: dict, root: Path, cols: int) -> list[Path]:
     """Concatenate K's parts in global-index order into samples_k<K>.npz, and its grid PNG."""
-    from vlt.tools.sample_parts import save_adm_npz
+    from vlt.data.sample_parts import save_adm_npz
 
     images, labels = parts.collect(k, settings["count"], settings["batch_size"])
     npz = save_adm_npz(root / f"samples_k{k}.npz", images, labels)
