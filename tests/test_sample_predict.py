@@ -75,6 +75,10 @@ def test_two_ddp_processes_write_exactly_the_npz_of_one(generator, tmp_path):
     one, two = np.load(tmp_path / "one/samples_k8.npz"), np.load(tmp_path / "two/samples_k8.npz")
     assert one["arr_0"].shape == (7, 32, 32, 3)
     assert np.array_equal(one["arr_0"], two["arr_0"]) and np.array_equal(one["arr_1"], two["arr_1"])
+    # Resume on 2 processes where rank 0 has nothing left (b0, b2 exist): it must still wait for rank 1.
+    (tmp_path / "two/parts/k8-b000001.npz").unlink()
+    _vlt(*args, "--out", str(tmp_path / "two"), devices=2)
+    assert np.array_equal(np.load(tmp_path / "two/samples_k8.npz")["arr_0"], one["arr_0"])
 
 
 def test_a_restarted_run_makes_only_the_missing_batches(generator, tmp_path, capsys):

@@ -32,12 +32,16 @@ class SampleBatches(Dataset):
     """Whole batches as items: {"k": K, "batch": b, "index": (B,) global indices}.
 
     The (K, batch) pairs are dealt round-robin over the ranks; each rank drops those whose part exists,
-    so a restarted job makes only what is missing (only this rank writes its pairs: no race).
+    so a restarted job makes only what is missing (only this rank writes its pairs: no race), plus at
+    most one batch per rank that had nothing left.
     """
 
     def __init__(self, parts: SampleParts, ks: list[int], count: int, batch_size: int, rank: int, world: int):
         pairs = [(k, b) for k in ks for b in range(batches(count, batch_size))]
-        self.items = [(k, b) for k, b in pairs[rank::world] if not parts.done(k, b)]
+        mine = pairs[rank::world] or [pairs[rank % len(pairs)]]  # more ranks than batches: share one
+        # Lightning refuses a rank whose predict loader is empty while others have batches: a rank with
+        # nothing left redoes one of its batches (the same bytes, renamed over the old part).
+        self.items = [(k, b) for k, b in mine if not parts.done(k, b)] or mine[:1]
         self.count, self.batch_size = count, batch_size
 
     def __len__(self) -> int:
@@ -113,7 +117,8 @@ class LitSampler(pl.LightningModule):
 
 
 class PartWriter(BasePredictionWriter):
-    """Writes each predicted batch as its part file; at the end waits for every rank (a barrier)."""
+    """Writes each predicted batch as its part file (the caller waits for every rank before reading them:
+    a rank with no batch left skips the whole loop, and its hooks, in Lightning)."""
 
     def __init__(self, parts: SampleParts) -> None:
         super().__init__(write_interval="batch")
@@ -125,6 +130,3 @@ class PartWriter(BasePredictionWriter):
         self.parts.write(p["k"], p["batch"], p["images"], p["labels"], p["index"])
         self.written += 1
         self.images += len(p["index"])
-
-    def on_predict_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        trainer.strategy.barrier("vlt-sample-parts")  # rank zero then reads every rank's parts

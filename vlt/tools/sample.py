@@ -133,6 +133,9 @@ def sample_on_devices(
     started = time.time()
     trainer.predict(lit, datamodule=data, return_predictions=False)
     seconds = time.time() - started
+    # Every rank's parts are on disk before rank zero reads them. Outside the loop: Lightning skips the
+    # loop (and its hooks) on a rank whose batches were all made by an earlier run.
+    trainer.strategy.barrier("vlt-sample-parts")
     if not trainer.is_global_zero:
         return []
     cols = min(len(settings["labels"]), 16)
