@@ -14,6 +14,7 @@ and a part made by one run is the part any other run would make (`vlt.data.sampl
 
 from __future__ import annotations
 
+import time
 import warnings
 
 import lightning.pytorch as pl
@@ -124,9 +125,18 @@ class PartWriter(BasePredictionWriter):
         super().__init__(write_interval="batch")
         self.parts = parts
         self.written = self.images = 0
+        self.started = self.finished = 0.0
+
+    def on_predict_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.started = self.finished = time.perf_counter()  # after start-up: the rate is sampling's own
+
+    @property
+    def images_per_second(self) -> float:
+        return self.images / (self.finished - self.started) if self.finished > self.started else 0.0
 
     def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dl_idx):
         p = prediction
         self.parts.write(p["k"], p["batch"], p["images"], p["labels"], p["index"])
         self.written += 1
         self.images += len(p["index"])
+        self.finished = time.perf_counter()

@@ -16,7 +16,6 @@ tilted to that mean, in one batch in this process (no predict loop); the npz als
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import numpy as np
@@ -130,9 +129,7 @@ def sample_on_devices(
     )
     lit = LitSampler(model, **{key: settings[key] for key in ("labels", "seed", "steps", "cfg_scale")})
     data = SampleData(parts, ks, settings["count"], settings["batch_size"])
-    started = time.time()
     trainer.predict(lit, datamodule=data, return_predictions=False)
-    seconds = time.time() - started
     # Every rank's parts are on disk before rank zero reads them. Outside the loop: Lightning skips the
     # loop (and its hooks) on a rank whose batches were all made by an earlier run.
     trainer.strategy.barrier("vlt-sample-parts")
@@ -147,7 +144,7 @@ def sample_on_devices(
         numbers={
             "processes": trainer.world_size,
             "batches made by rank 0 (others were done or on other ranks)": writer.written,
-            "rank 0 images per second": writer.images / max(seconds, 1e-9),
+            "rank 0 images per second": writer.images_per_second,
         },
         next_steps=[f"vlt eval {written[1]} --ref REF.npz (the npz files are what FID evaluators read)"],
     )
@@ -160,6 +157,7 @@ def _trainer(writer, root: Path, **options):
 
     from vlt.callbacks.progress import PredictLines
 
+    console.quiet_third_party()  # again: Lightning's log handlers exist only once it is imported
     bar = console.is_terminal() and not console.quiet()
     lines = [] if bar or console.quiet() else [PredictLines("sample")]
     return pl.Trainer(
