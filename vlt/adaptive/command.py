@@ -181,20 +181,16 @@ def allocate(
         num_classes: rows of p(K | class); default max label + 1 over the splits.
         log_dir: TensorBoard folder (default <cache>/tb); each call writes its own run folder in it.
         seed: predictor training seed.
-        floors: PSNR floors (dB) for a quality-target table: for each floor and share, the mean K one
-            fixed K needs for that share of the images to reach it, against a K per image (from the
-            measured curves; stored under "targets" in allocation.json).
-        shares: the shares of that table (default 0.5 0.75 0.9).
+        floors, shares: PSNR floors (dB) and shares (default 0.5 0.75 0.9) of a quality-target table: the
+            mean K for that share of the images to reach each floor, fixed K vs a K per image (also
+            stored under "targets" in allocation.json).
 
     Returns:
         The allocation.json content.
     """
     _check_args(rule, cost, source, distortion, budget, tau)
     root = Path(cache)
-    curves = {split: LatentCache(root).curves(split) for split in SPLITS}
-    grid = A.check_grid(curves["train"].grid)
-    if curves["val"].grid != grid:
-        raise ValueError(f"train grid {grid} and val grid {curves['val'].grid} differ in {root}")
+    curves, grid = _read_curves(root)
     true_d = {s: to_distortion(c.psnr, distortion) for s, c in curves.items()}  # (S, G) each
     d, report = true_d, None
     if source == "predictor":
@@ -206,19 +202,31 @@ def allocate(
     if floors:
         meta["targets"] = targets(curves, grid, floors, shares or [0.5, 0.75, 0.9])
     if report is not None:
-        search_lam = _search_lambda(true_d, grid, rule, budget, cost)
-        searched = _choose(true_d["val"], grid, rule, search_lam, tau, cost, distortion)
+        searched = _choose(
+            true_d["val"], grid, rule, _search_lambda(true_d, grid, rule, budget, cost), tau, cost, distortion
+        )
         meta["predictor"] = {**report, "val": agreement(curves["val"], ks["val"], searched)}
     LatentCache(root).save_allocation(meta, {s: (curves[s].keys, ks[s].numpy()) for s in SPLITS})
-    run_name = (
-        f"{rule}-{cost}-{f'b{budget:g}' if rule == 'lagrangian' else f'tau{tau:g}'}-{distortion}-{source}"
-    )
-    tb = write_histograms(Path(log_dir) if log_dir else root / "tb", run_name, curves, ks, meta)
-    print(table(meta))
-    if floors:
-        print(target_table(meta["targets"]))
-    _summary(root, ks, meta, tb)
+    _publish(root, Path(log_dir) if log_dir else root / "tb", curves, ks, meta)
     return meta
+
+
+def _publish(root: Path, log_dir: Path, curves: dict, ks: dict, meta: dict) -> None:
+    """TensorBoard histograms, the tables on stdout and the closing summary of one allocation."""
+    what = f"b{meta['budget']:g}" if meta["rule"] == "lagrangian" else f"tau{meta['tau']:g}"
+    name = f"{meta['rule']}-{meta['cost']}-{what}-{meta['distortion']}-{meta['source']}"
+    tb = write_histograms(log_dir, name, curves, ks, meta)
+    print(table(meta) + (("\n" + target_table(meta["targets"])) if "targets" in meta else ""))
+    _summary(root, ks, meta, tb)
+
+
+def _read_curves(root: Path) -> tuple[dict[str, Curves], list[int]]:
+    """Every split's distortion curves from a cache, and their common grid."""
+    curves = {split: LatentCache(root).curves(split) for split in SPLITS}
+    grid = A.check_grid(curves["train"].grid)
+    if curves["val"].grid != grid:
+        raise ValueError(f"train grid {grid} and val grid {curves['val'].grid} differ in {root}")
+    return curves, grid
 
 
 def _summary(root: Path, ks: dict, meta: dict, tb: Path) -> None:
