@@ -201,6 +201,18 @@ def welch(a: list[float], b: list[float]) -> tuple[float, float, float]:
     return d, t95(max(int(df), 1)) * math.sqrt(va + vb), p
 
 
+def with_suffix(rows: list[dict], suffix: str = "_w1") -> list[dict]:
+    """Generation columns of a one-scale evaluation (no `_w` suffix) named as in a several-scale one."""
+
+    def name(key: str) -> str:
+        if not key.startswith("g"):  # base columns (k, tokens, ...) and flops_* do not start with g
+            return key
+        base, ci = (key[:-3], "_ci") if key.endswith("_ci") else (key, "")
+        return base + suffix + ci
+
+    return [{name(key): value for key, value in row.items()} for row in rows]
+
+
 def column(rows: list[dict], k: int, name: str) -> float | None:
     for r in rows:
         if int(float(r["k"])) == k and r.get("mode", "fixed") == "fixed" and r.get(name) not in (None, ""):
@@ -246,7 +258,9 @@ def table1(
             "| tokenizer | w | " + " | ".join(f"K={k}" for k in KS) + " |",
             "|---|---|" + "---|" * len(KS),
         ]
-        for w in ("w1", "wcfg"):
+        for w in (
+            ("w1", "wcfg") if any(values(r, KS[0], f"{metric}_wcfg") for r in runs.values()) else ("w1",)
+        ):
             for name, per_seed in runs.items():
                 label = "1" if w == "w1" else "swept: " + "/".join(f"{best[name][k]:g}" for k in KS)
                 cells = [interval(values(per_seed, k, f"{metric}_{w}"), scale) for k in KS]
@@ -468,7 +482,9 @@ def main() -> None:
         {"sampler": sampler, "best": best, "rows": {"lgm": lgm_rows, "nested": rows["nested"]}},
     )
 
-    # Table 1 over training x noise seeds at w = 1 and the swept w per K.
+    # Table 1 over training x noise seeds at w = 1 and the swept w per K (w = 1 alone when the sweep
+    # chose no guidance anywhere: the second column would repeat the first at twice the cost).
+    guided = any(w != 1.0 for b in best.values() for w in b.values())
     table: dict[str, dict[int, list[list[dict]]]] = {}
     for n in GENERATORS:
         table[n] = {}
@@ -481,13 +497,18 @@ def main() -> None:
                     f"table1-{n}-seed{s}-noise{z}",
                     out,
                     args.fresh,
-                    cfg_scales=[1.0, "config"],
+                    cfg_scales=[1.0, "config"] if guided else [1.0],
                     num_images=args.images,
                     seed=z,
                     replicates=0,
                 )
+                if guided
+                else with_suffix(
+                    stage2(model, latents[n], f"table1-{n}-seed{s}-noise{z}", out, args.fresh,
+                           cfg_scales=[1.0], num_images=args.images, seed=z, replicates=0)
+                )
                 for z in range(args.noise_seeds)
-            ]
+            ]  # fmt: skip
     seeds = f"{args.train_seeds} training seeds x {args.noise_seeds} noise seeds"
     lines = table1(table, best, seeds, args.images) + per_training_seed(table)
     lines += [
