@@ -11,7 +11,7 @@ from vlt.data.cache import LatentCache
 from vlt.models.pattern import MergePattern
 from vlt.models.tokenizer import TokenizerConfig
 from vlt.stages import VariableLengthTokenizer, export
-from vlt.tools.cache_latents import _rank_world, cache_latents
+from vlt.tools.cache_latents import _rank_env, _rank_world, cache_latents
 
 
 @pytest.fixture(scope="module")
@@ -31,7 +31,9 @@ def test_rank_and_world_come_from_srun(monkeypatch):
     monkeypatch.setenv("SLURM_PROCID", "3")
     monkeypatch.setenv("SLURM_JOB_NAME", "vlt-cache-latents")
     assert _rank_world() == (3, 4)
-    assert (os.environ["RANK"], os.environ["WORLD_SIZE"]) == ("3", "4")  # for webdataset's split
+    with _rank_env(3, 4):  # what webdataset's shard split reads, for the block only
+        assert (os.environ["RANK"], os.environ["WORLD_SIZE"]) == ("3", "4")
+    assert "RANK" not in os.environ and "WORLD_SIZE" not in os.environ
 
 
 def test_a_restarted_job_skips_finished_ranks(tokenizer, tiny_shards, tmp_path, monkeypatch, capsys):

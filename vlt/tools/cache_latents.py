@@ -20,9 +20,11 @@ some ranks finished (same world size) redoes only the others.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -44,14 +46,30 @@ from vlt.types import ImageBatch
 def _rank_world() -> tuple[int, int]:
     """This process's global rank and the world size, found the way Lightning's Trainer finds them: a
     Slurm job step's SLURM_PROCID/SLURM_NTASKS (so `srun` over several nodes works), torchrun's
-    RANK/WORLD_SIZE, else 0 of 1. A Slurm rank is exported as RANK/WORLD_SIZE, which webdataset splits
-    the shards by (srun sets neither)."""
+    RANK/WORLD_SIZE, else 0 of 1 (`_rank_env` hands a Slurm rank to webdataset, which reads only
+    RANK/WORLD_SIZE)."""
     from lightning.fabric.plugins.environments import SLURMEnvironment
 
     if SLURMEnvironment.detect():
         slurm = SLURMEnvironment()
-        os.environ["RANK"], os.environ["WORLD_SIZE"] = str(slurm.global_rank()), str(slurm.world_size())
+        return slurm.global_rank(), slurm.world_size()
     return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
+@contextlib.contextmanager
+def _rank_env(rank: int, world: int) -> Iterator[None]:
+    """RANK/WORLD_SIZE set to this process's rank for the block (webdataset's shard split reads them),
+    restored afterwards, so an in-process call (a notebook, a test) leaves the environment as it was."""
+    saved = {name: os.environ.get(name) for name in ("RANK", "WORLD_SIZE")}
+    os.environ["RANK"], os.environ["WORLD_SIZE"] = str(rank), str(world)
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 def _rank_finished(cache: LatentCache, split: str, rank: int, world: int) -> bool:
@@ -170,24 +188,25 @@ def cache_latents(
     cfg = model.cfg
     if model.pattern is not None and rank == 0:
         cache.save_pattern(model.pattern)
-    data = WebDataModule(
-        val=shards, image_size=cfg.image_size, val_batch_size=batch_size, num_workers=num_workers
-    )
-    data.setup("validate")
-    grid = model.ks if model.pattern is not None and distortion else []
-    start, totals = time.time(), _Totals(cfg.channels)
-    with (
-        wds.ShardWriter(cache.shard_pattern(split, rank), maxcount=shard_size, verbose=0) as sink,
-        torch.no_grad(),
-    ):
-        total = _batches(data.info, split, batch_size, world)
-        for batch in console.progress(data.val_dataloader(), total=total, desc=f"cache-latents {split}"):
-            where = f"cache-latents of {shards}"
-            check_labels(batch.label, data_classes(data.info), where=where, keys=batch.key)
-            _write_batch(model, batch, grid, sink, totals, flip)
-    meta = {"tokenizer": str(tokenizer), "world_size": world, "skipped": data.skipped, "start": start}
-    meta["flip"] = flip
-    _finish(cache, split, rank, cfg, totals, grid, meta)
+    with _rank_env(rank, world):  # webdataset splits the shards by RANK/WORLD_SIZE
+        data = WebDataModule(
+            val=shards, image_size=cfg.image_size, val_batch_size=batch_size, num_workers=num_workers
+        )
+        data.setup("validate")
+        grid = model.ks if model.pattern is not None and distortion else []
+        start, totals = time.time(), _Totals(cfg.channels)
+        with (
+            wds.ShardWriter(cache.shard_pattern(split, rank), maxcount=shard_size, verbose=0) as sink,
+            torch.no_grad(),
+        ):
+            total = _batches(data.info, split, batch_size, world)
+            for batch in console.progress(data.val_dataloader(), total=total, desc=f"cache-latents {split}"):
+                where = f"cache-latents of {shards}"
+                check_labels(batch.label, data_classes(data.info), where=where, keys=batch.key)
+                _write_batch(model, batch, grid, sink, totals, flip)
+        meta = {"tokenizer": str(tokenizer), "world_size": world, "skipped": data.skipped, "start": start}
+        meta["flip"] = flip
+        _finish(cache, split, rank, cfg, totals, grid, meta)
     return cache.root
 
 
