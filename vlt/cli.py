@@ -162,9 +162,20 @@ def run_tool(tool: str, rest: list[str]) -> Any:
 
 def main(argv: list[str] | None = None) -> None:
     args = list(sys.argv[1:] if argv is None else argv)
-    if args and args[0] in ("-q", "--quiet"):
-        os.environ["VLT_QUIET"] = "1"
-        args = args[1:]
+    if not (args and args[0] in ("-q", "--quiet")):
+        return _main(args)
+    before = os.environ.get("VLT_QUIET")
+    os.environ["VLT_QUIET"] = "1"  # this command only: an in-process call leaves the environment alone
+    try:
+        _main(args[1:])
+    finally:
+        if before is None:
+            os.environ.pop("VLT_QUIET", None)
+        else:
+            os.environ["VLT_QUIET"] = before
+
+
+def _main(args: list[str]) -> None:
     if args and args[0] in TOOLS:
         run_tool(args[0], args[1:])
         return

@@ -61,12 +61,7 @@ class ReconstructionImages(pl.Callback):
     def on_validation_batch_end(
         self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0
     ) -> None:
-        if (
-            batch_idx != 0
-            or self._picture is not None
-            or not trainer.is_global_zero
-            or trainer.sanity_checking
-        ):
+        if not _draws_now(trainer, batch_idx, self._picture):
             return
         images, labels = batch.image[: self.num_images].detach(), batch.label[: self.num_images].detach()
         rows = [images] + [pl_module.reconstruct(images, k) for k in pl_module.val_ks]
@@ -107,12 +102,7 @@ class SampleImages(pl.Callback):
     def on_validation_batch_end(
         self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0
     ) -> None:
-        if (
-            batch_idx != 0
-            or self._picture is not None
-            or not trainer.is_global_zero
-            or trainer.sanity_checking
-        ):
+        if not _draws_now(trainer, batch_idx, self._picture):
             return
         model = pl_module.generator
         labels = torch.arange(self.num_classes) % model.dit.cfg.num_classes
@@ -132,6 +122,11 @@ class SampleImages(pl.Callback):
         picture, self._picture = self._picture, None
         if picture is not None:
             publish(trainer, run_dir, "samples", "images/samples", picture)
+
+
+def _draws_now(trainer: pl.Trainer, batch_idx: int, pending: np.ndarray | None) -> bool:
+    """Draw at the first batch of a real validation, on rank zero, once per validation."""
+    return batch_idx == 0 and pending is None and trainer.is_global_zero and not trainer.sanity_checking
 
 
 def _classes(trainer: pl.Trainer) -> list[str] | None:

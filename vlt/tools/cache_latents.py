@@ -185,7 +185,7 @@ def cache_latents(
         return cache.root
     cache.start(split, rank, overwrite=overwrite)
     model = load(tokenizer, part="tokenizer").eval()
-    cfg = model.cfg
+    cfg, grid = model.cfg, (model.ks if model.pattern is not None and distortion else [])
     if model.pattern is not None and rank == 0:
         cache.save_pattern(model.pattern)
     with _rank_env(rank, world):  # webdataset splits the shards by RANK/WORLD_SIZE
@@ -193,7 +193,6 @@ def cache_latents(
             val=shards, image_size=cfg.image_size, val_batch_size=batch_size, num_workers=num_workers
         )
         data.setup("validate")
-        grid = model.ks if model.pattern is not None and distortion else []
         start, totals = time.time(), _Totals(cfg.channels)
         with (
             wds.ShardWriter(cache.shard_pattern(split, rank), maxcount=shard_size, verbose=0) as sink,

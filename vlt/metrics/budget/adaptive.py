@@ -157,7 +157,7 @@ def generation_rows(settings: BudgetSettings, run: Run) -> list[dict]:
     return rows
 
 
-def _generate_at(run: Run, at: tuple[float, float], seed: int) -> tuple[Tensor, float]:
+def _generate_at(run: Run, at: tuple[float, float | str], seed: int) -> tuple[Tensor, float]:
     """Feed one seed's adaptive samples at (budget, scale) to the scorer: (K per image, FLOPs per image)."""
     budget, scale = at[0], scale_arg(at[1])
     generator = torch.Generator(run.device).manual_seed(seed + 1000 * run.rank)
