@@ -150,7 +150,7 @@ def target_cost(psnr: Tensor, grid: list[int], floor: float, share: float, cost:
     fixed = grid[int(hit[0])] if len(hit) else None
     first = torch.where(ok.any(1), ok.double().argmax(1), torch.full((len(psnr),), -1))  # (B,) -1: never
     reachable = (first >= 0).nonzero().squeeze(1)
-    out = {"floor": floor, "share": share, "fixed_k": fixed, "fixed_cost": float(fixed) if fixed else None}
+    out = {"floor": floor, "share": share, "fixed_k": fixed}
     if len(reachable) < need:
         return {**out, "k": None, "cost": None, "saving": None}
     order = reachable[costs[first[reachable]].argsort(stable=True)][:need]  # cheapest images to lift
@@ -158,7 +158,7 @@ def target_cost(psnr: Tensor, grid: list[int], floor: float, share: float, cost:
     index[order] = first[order]
     ks = torch.as_tensor(grid)[index]  # (B,)
     per_image = float(costs[index].mean()) if cost == "k" else float(costs[index].mean().sqrt())
-    saving = out["fixed_cost"] / per_image if fixed else None
+    saving = fixed / per_image if fixed else None  # a fixed K costs K in K-equivalent units
     return {**out, "k": ks, "cost": per_image, "saving": saving}
 
 

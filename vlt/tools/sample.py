@@ -98,8 +98,8 @@ def sample(
 
 def default_precision(accelerator: str) -> str:
     """bf16-mixed where a CUDA GPU with bf16 runs the job, else 32-true (CPU)."""
-    gpu = accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
-    return "bf16-mixed" if gpu and torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "32-true"
+    gpu = accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available()
+    return "bf16-mixed" if gpu and torch.cuda.is_bf16_supported() else "32-true"
 
 
 def sample_on_devices(
