@@ -15,7 +15,7 @@ unmerged prediction, where token j's error counts once for each of its m_j slots
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from itertools import pairwise
 from typing import Literal, NamedTuple
@@ -25,6 +25,7 @@ from torch import Tensor, nn
 
 from vlt.models.merge_ops import merge
 from vlt.objectives.guidance import guided_velocity, in_interval
+from vlt.objectives.schedule import draw_split_noise, split_tokens
 
 SAMPLERS = ("euler", "heun")
 
@@ -70,10 +71,18 @@ class FlowSpec:
     def model_calls(self, cfg_scale: float | None = None, k: int | None = None) -> int:
         """Velocity-network calls per image of one sample: one per evaluation time (two per step for
         Heun), plus one more wherever guidance is on (w != 1 and t inside `cfg_interval`)."""
+        return sum(self.step_calls(cfg_scale, k))
+
+    def step_calls(self, cfg_scale: float | None = None, k: int | None = None) -> list[int]:
+        """`model_calls` of each sampler step, in order (a K schedule prices each step at its own K)."""
         scale = self.scale_at(k) if cfg_scale is None else cfg_scale
-        times = eval_times(self.sample_steps, self.sampler, self.timestep_shift)
-        guided = 0 if scale == 1.0 else sum(in_interval(torch.tensor(times), self.cfg_interval).tolist())
-        return len(times) + guided
+        grid = time_grid(self.sample_steps, self.timestep_shift)
+        calls = []
+        for t0, t1 in pairwise(grid):
+            times = torch.tensor([t0, t1] if self.sampler == "heun" else [t0])
+            guided = 0 if scale == 1.0 else int(in_interval(times, self.cfg_interval).sum())
+            calls.append(len(times) + guided)
+        return calls
 
 
 def time_grid(steps: int, shift: float = 1.0) -> list[float]:
@@ -89,14 +98,6 @@ def time_grid(steps: int, shift: float = 1.0) -> list[float]:
         raise ValueError(f"need steps >= 1 and shift > 0, got steps={steps}, shift={shift}")
     grid = torch.linspace(0.0, 1.0, steps + 1, dtype=torch.float64)
     return (shift * grid / (1 + (shift - 1) * grid)).tolist()
-
-
-def eval_times(steps: int, method: str, shift: float = 1.0) -> list[float]:
-    """The times at which the sampler calls the velocity model, in order (Heun: both ends per step)."""
-    grid = time_grid(steps, shift)
-    if method == "heun":
-        return [t for t0, t1 in pairwise(grid) for t in (t0, t1)]
-    return grid[:-1]
 
 
 def pooled_noise(
@@ -136,6 +137,24 @@ def token_weights(sizes: Tensor) -> Tensor:
     """Loss weights m_j K / N: sizes (K,) or (B, K) -> same shape, summing to K per image."""
     n = sizes.sum(dim=-1, keepdim=True)
     return sizes.float() * sizes.shape[-1] / n
+
+
+class Level(NamedTuple):
+    """One K of a sampler: column-normalised assignment gbar (N, K) or (B, N, K), sizes (K,) or (B, K),
+    and the one-hot gamma (N, K) that a split out of this level needs (None: never split from)."""
+
+    gbar: Tensor
+    sizes: Tensor
+    gamma: Tensor | None = None
+
+
+class Guide(NamedTuple):
+    """Classifier-free guidance of a sampler: weight w, t-interval (None: every step), null label
+    (None: the model's)."""
+
+    scale: float = 1.0
+    interval: tuple[float, float] | None = None
+    null_label: int | None = None
 
 
 class NoisyBatch(NamedTuple):
@@ -221,7 +240,7 @@ class RectifiedFlow:
         null_label: int | None = None,
         noise: Tensor | None = None,
     ) -> Tensor:
-        """Integrate the ODE from pooled noise (t = 0) to data (t = 1).
+        """Integrate the ODE from pooled noise (t = 0) to data (t = 1) at one K.
 
         Args:
             model: the velocity model; put in eval mode for the call and restored afterwards.
@@ -238,19 +257,48 @@ class RectifiedFlow:
         Returns:
             (B, K, C) merged latents (unmerge and decode them to get images).
         """
+        k = gbar.shape[-1]
+        return self.integrate(
+            model, y=y, levels={k: Level(gbar, sizes)}, step_ks=[k] * steps, grid=time_grid(steps, shift),
+            method=method, guide=Guide(cfg_scale, cfg_interval, null_label), generator=generator,
+            channels=channels, noise=noise,
+        )  # fmt: skip
+
+    @torch.no_grad()
+    def integrate(
+        self, model: nn.Module, *, y: Tensor, levels: Mapping[int, Level], step_ks: Sequence[int],
+        grid: Sequence[float], method: str = "euler", guide: Guide | None = None, x: Tensor | None = None,
+        start: int = 0, stop: int | None = None, generator: torch.Generator | None = None,
+        channels: int | None = None, noise: Tensor | None = None, split_noise: Sequence[Tensor] = (),
+    ) -> Tensor:  # fmt: skip
+        """Steps `start`..`stop` of `grid`, step i at K = step_ks[i]; where K grows the state splits into
+        the finer level's tokens (`vlt.objectives.schedule.split_tokens`, fresh noise from `split_noise`
+        in order, then from `generator`). `x` (B, K, C) is the state at grid[start] (None: pooled noise
+        at t = 0, from `noise` (B, N, C) or `generator`). Returns the state (B, K, C) at grid[stop]."""
         if method not in SAMPLERS:
             raise ValueError(f"unknown sampler {method!r}; choose one of {SAMPLERS}")
+        stop = len(step_ks) if stop is None else stop
+        guide = guide or Guide()
+        guide = guide._replace(null_label=model.null_label if guide.null_label is None else guide.null_label)
         c = channels if channels is not None else model.cfg.channels
-        null = null_label if null_label is not None else model.null_label
-        guide = {"scale": cfg_scale, "null_label": null, "interval": cfg_interval}
+        fresh = iter(split_noise)
         was_training = model.training
         model.eval()
         try:
-            x = pooled_noise(y.shape[0], gbar, c, generator, eps=noise)  # (B, K, C)
-            for t0, t1 in pairwise(time_grid(steps, shift)):
-                v0 = self._velocity(model, x, t0, y, gbar, sizes, guide)  # (B, K, C)
+            if x is None:
+                x = pooled_noise(y.shape[0], levels[step_ks[start]].gbar, c, generator, eps=noise)
+            for i in range(start, stop):
+                t0, t1, k = grid[i], grid[i + 1], step_ks[i]
+                if x.shape[1] != k:
+                    eps = next(fresh, None)
+                    if eps is None:
+                        n = levels[k].gbar.shape[-2]
+                        eps = draw_split_noise(x.shape[0], n, c, 1, generator, x.device)[0]
+                    x = split_tokens(x, t0, levels[x.shape[1]].gamma, levels[k].gbar.to(x), eps)
+                level = levels[k]
+                v0 = self._velocity(model, x, t0, y, level.gbar, level.sizes, guide)  # (B, K, C)
                 if method == "heun":
-                    v1 = self._velocity(model, x + (t1 - t0) * v0, t1, y, gbar, sizes, guide)
+                    v1 = self._velocity(model, x + (t1 - t0) * v0, t1, y, level.gbar, level.sizes, guide)
                     v0 = 0.5 * (v0 + v1)
                 x = x + (t1 - t0) * v0  # (B, K, C)
             return x
@@ -259,9 +307,10 @@ class RectifiedFlow:
 
     @staticmethod
     def _velocity(
-        model: nn.Module, x: Tensor, t: float, y: Tensor, gbar: Tensor, sizes: Tensor, guide: dict
+        model: nn.Module, x: Tensor, t: float, y: Tensor, gbar: Tensor, sizes: Tensor, guide: Guide
     ) -> Tensor:
         tb = torch.full((x.shape[0],), t, device=x.device)  # (B,)
-        if guide["scale"] == 1.0:
+        if guide.scale == 1.0:
             return model(x, tb, y, gbar, sizes)
-        return guided_velocity(model, x, tb, y, gbar, sizes, **guide)
+        scale, interval, null = guide
+        return guided_velocity(model, x, tb, y, gbar, sizes, scale=scale, null_label=null, interval=interval)

@@ -8,7 +8,15 @@ No Lightning here: `vlt.load(folder)` works in a plain torch process.
 """
 
 from vlt.stages.export import export, load
-from vlt.stages.generator import AdaptiveSamples, LatentGenerator
+from vlt.stages.generator import AdaptiveSamples, DecidedSamples, LatentGenerator
 from vlt.stages.tokenizer import Tokens, VariableLengthTokenizer
 
-__all__ = ["AdaptiveSamples", "LatentGenerator", "Tokens", "VariableLengthTokenizer", "export", "load"]
+__all__ = [
+    "AdaptiveSamples",
+    "DecidedSamples",
+    "LatentGenerator",
+    "Tokens",
+    "VariableLengthTokenizer",
+    "export",
+    "load",
+]

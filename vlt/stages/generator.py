@@ -19,7 +19,8 @@ mean budget, and `generate_adaptive` samples each K's group at its K, in the ord
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from itertools import pairwise
 from typing import NamedTuple
 
 import torch
@@ -29,7 +30,8 @@ from vlt.adaptive.allocation import draw, tilt_to_budget
 from vlt.models.dit import DiT, DiTConfig
 from vlt.models.pattern import MergePattern
 from vlt.models.tokenizer import TokenizerConfig
-from vlt.objectives.flow import FlowSpec, RectifiedFlow
+from vlt.objectives.flow import FlowSpec, Guide, Level, RectifiedFlow, time_grid
+from vlt.objectives.schedule import KSchedule, draw_split_noise
 from vlt.stages.tokenizer import VariableLengthTokenizer
 
 
@@ -38,6 +40,14 @@ class AdaptiveSamples(NamedTuple):
 
     images: Tensor
     ks: Tensor
+
+
+class DecidedSamples(NamedTuple):
+    """`AdaptiveSamples` of a sampler that decides K while sampling, with the FLOPs (B,) each image cost."""
+
+    images: Tensor
+    ks: Tensor
+    flops: Tensor
 
 
 class LatentGenerator(nn.Module):
@@ -120,35 +130,52 @@ class LatentGenerator(nn.Module):
         return torch.where(y < 0, torch.full_like(y, self.dit.null_label), y)
 
     # --- sampling ---
+    def schedule(self, k: int | KSchedule | str) -> KSchedule:
+        """K, a `KSchedule` or its text ("4,16@0.5") as a schedule over this generator's levels."""
+        schedule = k if isinstance(k, KSchedule) else KSchedule.parse(k) if isinstance(k, str) else None
+        schedule = schedule or KSchedule.constant(int(k))
+        unknown = sorted(set(schedule.ks) - set(self.ks))
+        if unknown:
+            raise ValueError(f"K schedule {schedule} uses K={unknown}; this generator's levels: {self.ks}")
+        if len(schedule.ks) > 1 and not self.pattern.subset(schedule.ks).nested():
+            raise ValueError(f"K schedule {schedule}: its levels are not nested cuts, so tokens cannot split")
+        return schedule
+
+    def levels(self, ks: Sequence[int]) -> dict[int, Level]:
+        """The sampler's view of levels `ks` of the pattern, on the generator's device."""
+        device = self.latent_mean.device
+        p = self.pattern
+        return {k: Level(p.gbar(k).to(device), p.sizes(k).to(device), p.gamma(k).to(device)) for k in ks}
+
     @torch.no_grad()
     def generate_latents(
         self,
         labels: Tensor,
-        k: int,
+        k: int | KSchedule | str,
         *,
         cfg_scale: float | None = None,
         steps: int | None = None,
         generator: torch.Generator | None = None,
         noise: Tensor | None = None,
+        split_noise: Sequence[Tensor] = (),
     ) -> Tensor:
-        """Sample tokens (B, K, C) in the tokenizer's latent space (denormalised); `cfg_scale` None
-        takes the spec's scale for this K (`FlowSpec.scale_at`); `noise` (B, N, C) is full-space
-        starting noise (`vlt.objectives.flow.indexed_noise`) instead of drawing it from `generator`."""
-        spec, device = self.spec, self.latent_mean.device
-        x = self.flow.sample(
-            self.dit,
-            y=self.labels(labels.to(device)),
-            gbar=self.pattern.gbar(k),
-            sizes=self.pattern.sizes(k),
-            steps=steps or spec.sample_steps,
-            method=spec.sampler,
-            shift=spec.timestep_shift,
-            cfg_scale=spec.scale_at(k) if cfg_scale is None else cfg_scale,
-            cfg_interval=spec.cfg_interval,
-            generator=generator,
-            noise=noise,
-        )  # (B, K, C)
-        return self.denormalise(x)
+        """Sample tokens (B, K, C) in the tokenizer's latent space (denormalised).
+
+        k: the token count, or a `KSchedule` (coarse-to-fine: sampling starts at its first K and
+        splits tokens as its phases start; the result has its final K). `cfg_scale` None takes the
+        spec's scale at the final K (`FlowSpec.scale_at`). `noise` (B, N, C) is full-space starting
+        noise (`vlt.objectives.flow.indexed_noise`) instead of drawing it from `generator`; likewise
+        `split_noise`, one (B, N, C) per split (the rest are drawn from `generator`).
+        """
+        schedule = self.schedule(k)
+        spec, grid = self.spec, time_grid(steps or self.spec.sample_steps, self.spec.timestep_shift)
+        scale = spec.scale_at(schedule.final_k) if cfg_scale is None else cfg_scale
+        x = self.flow.integrate(
+            self.dit, y=self.labels(labels.to(self.latent_mean.device)), levels=self.levels(schedule.ks),
+            step_ks=schedule.ks_per_step(grid), grid=grid, method=spec.sampler,
+            guide=Guide(scale, spec.cfg_interval), generator=generator, noise=noise, split_noise=split_noise,
+        )  # fmt: skip
+        return self.denormalise(x)  # (B, K, C)
 
     def decode(self, tokens: Tensor) -> Tensor:
         """Tokens (B, K, C) of the latent space -> images (B, 3, H, W) in [-1, 1]."""
@@ -201,7 +228,84 @@ class LatentGenerator(nn.Module):
             images[index.to(images.device)] = group  # (B_k, 3, H, W)
         return AdaptiveSamples(images, ks)
 
-    def flops(self, k: int, cfg_scale: float | None = None) -> float:
-        """Forward FLOPs per generated image: every DiT call of the sampler, plus one decode."""
+    @torch.no_grad()
+    def generate_decided(
+        self,
+        labels: Tensor,
+        schedule: KSchedule | str,
+        decide: Callable[[Tensor, Tensor], Tensor],
+        at: float,
+        *,
+        cfg_scale: float | None = None,
+        generator: torch.Generator | None = None,
+    ) -> DecidedSamples:
+        """Coarse-to-fine sampling with a final K per image, chosen while sampling.
+
+        The batch follows `schedule` up to flow time `at`; there one more (conditional) DiT call
+        predicts each image's clean coarse tokens x1 = x_t + (1 - t) v, and `decide(tokens, labels)`
+        (tokens (B, Kd, C) in the latent space) returns each image's final K (B,) among the levels
+        of this generator, no lower than the current one. Each K's group then follows the schedule
+        capped at its K (`KSchedule.capped`), and is decoded. Images come back in the order of the
+        labels, with the K each got and its FLOPs (`decided_flops`).
+        """
+        schedule, device = self.schedule(schedule), self.latent_mean.device
+        grid = time_grid(self.spec.sample_steps, self.spec.timestep_shift)
+        stop = self._decision_step(grid, at)
+        step_ks, levels = schedule.ks_per_step(grid), self.levels(schedule.ks)
+        scale = self.spec.scale_at(schedule.final_k) if cfg_scale is None else cfg_scale
+        guide, y = Guide(scale, self.spec.cfg_interval), self.labels(labels.to(device))
+        run = dict(levels=levels, grid=grid, method=self.spec.sampler, guide=guide, generator=generator)
+        x = self.flow.integrate(self.dit, y=y, step_ks=step_ks, stop=stop, **run)  # (B, Kd, C)
+        kd, t = x.shape[1], grid[stop]
+        velocity = self.dit(x, torch.full((len(x),), t, device=device), y, levels[kd].gbar, levels[kd].sizes)
+        ks = decide(self.denormalise(x + (1 - t) * velocity), labels).cpu().long()  # (B,)
+        if not set(ks.tolist()) <= {k for k in self.ks if k >= kd}:
+            raise ValueError(
+                f"decide gave K={sorted(set(ks.tolist()))}; allowed: levels >= {kd} of {self.ks}"
+            )
+        # The later splits' noise is drawn for the whole batch, so an image's noise does not depend
+        # on which group it lands in (a capped schedule splits at a prefix of the same times).
+        later = [kd, *step_ks[stop:]]
+        count = sum(a != b for a, b in pairwise(later))
+        noises = draw_split_noise(len(x), self.pattern.n, x.shape[2], count, generator, device)
+        images: Tensor | None = None
+        for k in ks.unique().tolist():
+            index = (ks == k).nonzero().squeeze(1).to(device)  # (B_k,)
+            capped = schedule.capped(k).ks_per_step(grid)
+            split_noise = [eps[index.to(eps.device)] for eps in noises]
+            tokens = self.flow.integrate(
+                self.dit, y=y[index], x=x[index], step_ks=capped, start=stop, split_noise=split_noise, **run
+            )
+            group = self.decode(self.denormalise(tokens))  # (B_k, 3, H, W)
+            images = group.new_empty((len(ks), *group.shape[1:])) if images is None else images
+            images[index.to(images.device)] = group
+        flops = {k: self.decided_flops(schedule, k, at, scale) for k in ks.unique().tolist()}
+        return DecidedSamples(images, ks, torch.tensor([flops[k] for k in ks.tolist()], dtype=torch.float64))
+
+    @staticmethod
+    def _decision_step(grid: Sequence[float], at: float) -> int:
+        """The first step that starts at or after flow time `at` (0 < at < 1)."""
+        if not 0 < at < 1:
+            raise ValueError(f"the decision time must lie in (0, 1), got at={at}")
+        return next(i for i, t in enumerate(grid) if t >= at - 1e-9)
+
+    def decided_flops(
+        self, schedule: KSchedule | str, k: int, at: float, cfg_scale: float | None = None
+    ) -> float:
+        """FLOPs per image of `generate_decided` for an image that got K = k: the schedule capped at k
+        plus the decision's DiT call at the K in use at time `at` (the decision rule itself is not
+        counted: a small MLP on Kd tokens)."""
+        schedule = self.schedule(schedule)
+        grid = time_grid(self.spec.sample_steps, self.spec.timestep_shift)
+        kd = schedule.ks_per_step(grid)[max(self._decision_step(grid, at) - 1, 0)]
+        return self.flops(schedule.capped(k), cfg_scale) + self.dit.flops(kd)
+
+    def flops(self, k: int | KSchedule | str, cfg_scale: float | None = None) -> float:
+        """Forward FLOPs per generated image: every DiT call of the sampler, each at the K of its step
+        (a `KSchedule` prices each phase at its own K), plus one decode."""
+        schedule = self.schedule(k)
         decode = self.tokenizer.flops("decode") if self.tokenizer is not None else 0
-        return float(self.spec.model_calls(cfg_scale, k) * self.dit.flops(k) + decode)
+        scale = self.spec.scale_at(schedule.final_k) if cfg_scale is None else cfg_scale
+        grid = time_grid(self.spec.sample_steps, self.spec.timestep_shift)
+        calls = self.spec.step_calls(scale, schedule.final_k)
+        return float(sum(n * self.dit.flops(kk) for n, kk in zip(calls, schedule.ks_per_step(grid))) + decode)

@@ -165,9 +165,13 @@ def _generate_at(run: Run, at: tuple[float, float | str], seed: int) -> tuple[Te
     flops, ks_seen = 0.0, []
     for y in run.labels:
         with run.autocast():
-            images, ks = run.model.budget_generate_adaptive(y.to(run.device), budget, scale, generator)
+            samples = run.model.budget_generate_adaptive(y.to(run.device), budget, scale, generator)
+        images, ks = samples[0], samples[1]
         run.scorer.add(images.float().clamp(-1, 1), y)
         ks_seen.append(ks.cpu())
-        flops += sum(float(run.model.budget_flops(int(k), "generate", scale)) for k in ks.tolist())
+        if getattr(samples, "flops", None) is not None:  # a sampler that decides K reports what it spent
+            flops += float(samples.flops.sum())
+        else:
+            flops += sum(float(run.model.budget_flops(int(k), "generate", scale)) for k in ks.tolist())
     ks_cat = torch.cat(ks_seen).double()
     return ks_cat, flops / max(len(ks_cat), 1)

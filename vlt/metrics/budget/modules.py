@@ -88,6 +88,47 @@ class GeneratorBudget(nn.Module):
         return float(self.generator.flops(k, cfg_scale))
 
 
+class CoarseToFineBudget(GeneratorBudget):
+    """A `LatentGenerator` sampled coarse-to-fine (`vlt.objectives.schedule`) as a `BudgetModule`.
+
+    Row K samples `schedule.capped(K)`: the schedule's phases up to K, so every row ends at its K.
+    An adaptive budget decides each image's K while sampling (`LatentGenerator.generate_decided`) at
+    flow time `at` with the rule `decider(budget)` (e.g. a `vlt.adaptive.coarse.CoarseDecider`), and
+    reports the FLOPs each image cost.
+    """
+
+    def __init__(
+        self,
+        generator: nn.Module,
+        schedule: Any,
+        *,
+        at: float | None = None,
+        decider: Callable[[float], Callable[[Tensor, Tensor], Tensor]] | None = None,
+    ) -> None:
+        super().__init__(generator)
+        self.schedule, self.at, self.decider = generator.schedule(schedule), at, decider
+
+    def budget_generate(self, labels: Tensor, k: int, cfg_scale: float | None, generator=None) -> Tensor:
+        return self.generator.generate(
+            labels, self.schedule.capped(k), cfg_scale=cfg_scale, generator=generator
+        )
+
+    def budget_generate_adaptive(
+        self, labels: Tensor, budget: float, cfg_scale: float | None, generator=None
+    ):
+        if self.decider is None or self.at is None:
+            raise ValueError(
+                "adaptive budgets of a coarse-to-fine sampler need at=<decision time> and a decider"
+            )
+        rule = self.decider(budget)
+        return self.generator.generate_decided(
+            labels, self.schedule, rule, self.at, cfg_scale=cfg_scale, generator=generator
+        )
+
+    def budget_flops(self, k: int, task: Task = "generate", cfg_scale: float | None = 1.0) -> float:
+        return float(self.generator.flops(self.schedule.capped(k), cfg_scale))
+
+
 def module_device(model: Any) -> torch.device:
     """The device a model's inputs go to: its `device`, else its first parameter's, else the CPU."""
     device = getattr(model, "device", None)

@@ -1,0 +1,125 @@
+"""Coarse-to-fine sampling: a token count K that grows over sampling time along the nested cuts.
+
+Letters: B batch, N latent slots, K tokens (Ka coarse, Kb fine), C channels, S sampler steps.
+
+A `KSchedule` lists phases (t_start, K): from flow time t_start on (0 noise, 1 data) the sampler
+integrates at K tokens. High-noise steps only shape the coarse layout, so they can run on a few
+merged tokens; the detail comes in late steps at the full K. On the sampler's time grid a step
+[t_i, t_i+1) runs at the K of the last phase that has started by t_i (`ks_per_step`).
+
+Splitting a state at time t from level Ka to a finer nested level Kb (`split_tokens`). A token's state
+is x_j = t z~_j + (1 - t) e_j with the cluster mean z~_j of the data and the pooled noise
+e_j = mean_{i in j} eps_i, eps ~ N(0, I_N) (variance 1/m_j). With P = Gamma_a Gbar_a^T, the (N, N)
+projector onto slot vectors that are constant on each coarse group (zero on dropped slots):
+
+    x_b = Gbar_b^T [ Gamma_a x_a + (1 - t) (I - P) eps' ],   eps' ~ N(0, I_N) fresh.
+
+Noise: the split state's noise is Gbar_b^T [P eps + (I - P) eps']. P is symmetric and idempotent and
+eps, eps' are independent, so P eps + (I - P) eps' ~ N(0, P + (I - P)) = N(0, I_N): the children
+carry exactly the fine level's pooled noise, variance 1/m_l each, correlated as pooled noise is. And
+merging the children back gives the parent exactly (the cuts are nested: Gbar_a^T Gamma_b Gbar_b^T =
+Gbar_a^T, and Gbar_a^T (I - P) = 0), so a split never moves the coarse state. Data: each child starts
+at its parent's cluster mean (a slot dropped at Ka, as in nested dropout, starts at 0, the mean of
+the normalised latents); the detail between children is left to the steps at Kb, which is what a
+DiT trained with `FlowSpec.split_prob` learns to fill in.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from itertools import pairwise
+
+import torch
+from torch import Tensor
+
+from vlt.models.merge_ops import merge, unmerge
+
+EXAMPLE = "4,8@0.3,16@0.5,32@0.7"
+_EPS = 1e-9  # a phase starting at t_start is on at grid time t_i when t_i >= t_start - _EPS
+
+
+@dataclass(frozen=True)
+class KSchedule:
+    """Phases ((t_start, K), ...): t_start strictly ascending from 0 in [0, 1), K strictly ascending.
+
+    Written on the command line as "4,8@0.3,16@0.5,32@0.7": K = 4 from t = 0, 8 from t = 0.3, ...
+    """
+
+    phases: tuple[tuple[float, int], ...]
+
+    def __post_init__(self) -> None:
+        phases = tuple((float(t), int(k)) for t, k in self.phases)
+        object.__setattr__(self, "phases", phases)
+        starts, ks = [t for t, _ in phases], [k for _, k in phases]
+        if not phases or starts[0] != 0.0:
+            raise ValueError(f"a K schedule starts at t = 0, got phases {list(phases)}")
+        ascending = all(a < b for a, b in pairwise(starts)) and all(a < b for a, b in pairwise(ks))
+        if not ascending or starts[-1] >= 1.0 or ks[0] < 1:
+            raise ValueError(
+                f"K schedule {self}: start times must ascend within [0, 1) and K must grow at every phase"
+            )
+
+    @classmethod
+    def constant(cls, k: int) -> KSchedule:
+        return cls(((0.0, int(k)),))
+
+    @classmethod
+    def parse(cls, text: str) -> KSchedule:
+        """ "4,8@0.3,32@0.7" -> phases (0, 4), (0.3, 8), (0.7, 32); a bare first K starts at 0."""
+        phases = []
+        try:
+            for i, part in enumerate(p.strip() for p in text.split(",")):
+                k, _, t = part.partition("@")
+                phases.append((float(t) if t else (0.0 if i == 0 else float("nan")), int(k)))
+        except ValueError:
+            raise ValueError(f"cannot read K schedule {text!r}; write it as e.g. {EXAMPLE!r}") from None
+        if any(t != t for t, _ in phases):
+            raise ValueError(
+                f"K schedule {text!r}: each phase after the first needs @<time>, e.g. {EXAMPLE!r}"
+            )
+        return cls(tuple(phases))
+
+    def __str__(self) -> str:
+        return ",".join(f"{k}" if t == 0 else f"{k}@{t:g}" for t, k in self.phases)
+
+    @property
+    def ks(self) -> list[int]:
+        return [k for _, k in self.phases]
+
+    @property
+    def final_k(self) -> int:
+        return self.phases[-1][1]
+
+    def capped(self, k: int) -> KSchedule:
+        """The schedule with every K above `k` replaced by `k` (phases that stop growing are dropped)."""
+        phases: list[tuple[float, int]] = []
+        for t, kk in self.phases:
+            kk = min(kk, int(k))
+            if not phases or kk > phases[-1][1]:
+                phases.append((t, kk))
+        return KSchedule(tuple(phases))
+
+    def ks_per_step(self, grid: Sequence[float]) -> list[int]:
+        """K of each of the S steps of a time grid of S + 1 points."""
+        return [next(k for start, k in reversed(self.phases) if t >= start - _EPS) for t in grid[:-1]]
+
+
+def split_tokens(x: Tensor, t: float, gamma_a: Tensor, gbar_b: Tensor, eps: Tensor) -> Tensor:
+    """Coarse state x (B, Ka, C) at flow time t -> fine state (B, Kb, C) (see the module docstring).
+
+    gamma_a: (N, Ka) one-hot of the coarse level (zero rows for dropped slots); gbar_b: (N, Kb)
+    column-normalised assignment of a finer nested level; eps: (B, N, C) fresh N(0, 1) noise.
+    """
+    gbar_a = gamma_a / gamma_a.sum(0, keepdim=True).clamp_min(1e-12)  # (N, Ka)
+    eps = eps.to(x)
+    detail = eps - unmerge(merge(eps, gbar_a), gamma_a)  # (B, N, C): (I - P) eps
+    return merge(unmerge(x, gamma_a) + (1.0 - t) * detail, gbar_b)  # (B, Kb, C)
+
+
+def draw_split_noise(
+    b: int, n: int, c: int, count: int, generator: torch.Generator | None, device: torch.device
+) -> list[Tensor]:
+    """`count` fresh full-space noises (B, N, C), one per split, drawn in order from `generator`."""
+    device = generator.device if generator is not None else device
+    return [torch.randn(b, n, c, generator=generator, device=device) for _ in range(count)]
