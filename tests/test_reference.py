@@ -78,13 +78,13 @@ def timestep_features(t, dim=256):
     return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
 
 
-def reference_attention(sd, b, x, sizes, heads):
+def reference_attention(sd, b, x, sizes, heads, lora=None):
     bs, n, d = x.shape
-    qkv = linear(sd, b + "attn.qkv", x).reshape(bs, n, 3, heads, d // heads).permute(2, 0, 3, 1, 4)
+    qkv = lin(sd, b + "attn.qkv", x, lora).reshape(bs, n, 3, heads, d // heads).permute(2, 0, 3, 1, 4)
     q, k, v = rms(qkv[0], sd[b + "attn.q_norm.weight"]), rms(qkv[1], sd[b + "attn.k_norm.weight"]), qkv[2]
     logits = q @ k.transpose(-1, -2) / math.sqrt(d // heads) + sizes.float().log()[None, None, None, :]
     out = logits.softmax(-1) @ v  # (B, H, L, E)
-    return linear(sd, b + "attn.proj", out.transpose(1, 2).reshape(bs, n, d))
+    return lin(sd, b + "attn.proj", out.transpose(1, 2).reshape(bs, n, d), lora)
 
 
 def reference_mlp(sd, b, x, lora=None):
@@ -101,7 +101,8 @@ def lin(sd, name, x, lora=None):
     return out
 
 
-def reference_forward(sd, x, t, y, proj_mat, sizes, heads=HEADS, depth=DEPTH):
+def reference_forward(sd, x, t, y, proj_mat, sizes, heads=HEADS, depth=DEPTH, lora=None):
+    """LightningDiT.net on 1D tokens; `lora`: {reference layer name: (A, B)}, PEFT's update at scale 1."""
     pos = torch.einsum("bnd,nm->bmd", sd["pos_embed"], proj_mat)
     h = linear(sd, "x_embedder", x) + pos
     temb = linear(sd, "t_embedder.mlp.2", F.silu(linear(sd, "t_embedder.mlp.0", timestep_features(t))))
@@ -110,10 +111,9 @@ def reference_forward(sd, x, t, y, proj_mat, sizes, heads=HEADS, depth=DEPTH):
         b = f"transformer.blocks.{i}."
         mods = linear(sd, b + "adaLN_modulation.1", F.silu(c)).chunk(6, -1)
         sh1, sc1, g1, sh2, sc2, g2 = (m[:, None] for m in mods)
-        h = h + g1 * reference_attention(
-            sd, b, rms(h, sd[b + "norm1.weight"]) * (1 + sc1) + sh1, sizes, heads
-        )
-        h = h + g2 * reference_mlp(sd, b, rms(h, sd[b + "norm2.weight"]) * (1 + sc2) + sh2)
+        attn_in = rms(h, sd[b + "norm1.weight"]) * (1 + sc1) + sh1
+        h = h + g1 * reference_attention(sd, b, attn_in, sizes, heads, lora)
+        h = h + g2 * reference_mlp(sd, b, rms(h, sd[b + "norm2.weight"]) * (1 + sc2) + sh2, lora)
     shift, scale = (m[:, None] for m in linear(sd, "final_layer.adaLN_modulation.1", F.silu(c)).chunk(2, -1))
     return linear(sd, "final_layer.linear", rms(h, sd["final_layer.norm.weight"]) * (1 + scale) + shift)
 
