@@ -185,3 +185,31 @@ def test_converted_generator_exports_and_loads(tmp_path):
     args = (x, t, y, pattern.gbar(5), pattern.sizes(5))
     torch.testing.assert_close(again.dit(*args), gen.dit(*args))
     torch.testing.assert_close(again.latent_std, stats[1])
+
+
+def test_vlt_convert_writes_exports_that_match_the_reference(tmp_path):
+    """`vlt convert` on files saved in the reference's layouts: a training checkpoint (model +
+    model_ema), a PEFT LoRA checkpoint, the merge table and the latent statistics."""
+    from tests.test_lora import peft_state
+    from vlt.cli import main as vlt
+
+    sd, ema = random_state(reference_dit_shapes()), random_state(reference_dit_shapes(), seed=5)
+    torch.save({"model": sd, "model_ema": ema, "epoch": 3}, tmp_path / "xl.pth")
+    peft, pairs = peft_state(sd)
+    torch.save({"model": peft, "model_ema": None, "epoch": 1}, tmp_path / "lora_5.pth")
+    pattern = uneven_pattern()
+    table = {k: (pattern.gbar(k), pattern.sizes(k)) for k in pattern.ks}
+    torch.save(table, tmp_path / "merge.pt")
+    torch.save({"mean": torch.zeros(1, 1, C), "std": torch.ones(1, 1, C)}, tmp_path / "stats.pt")
+    out = tmp_path / "out"
+    files = {"merge_table": "merge.pt", "stats": "stats.pt", "dit": "xl.pth"}
+    options = [f"--{key}={tmp_path / name}" for key, name in files.items()]
+    vlt(["convert", f"--out={out}", *options, "--lora", f"5={tmp_path / 'lora_5.pth'}"])
+    x, t, y = inputs(5)
+    args = (x, t, y, pattern.gbar(5), pattern.sizes(5))
+    base, lora = load(out / "generator"), load(out / "lora_5" / "generator")
+    assert base.pattern.equal(pattern) and lora.dit.cfg.lora_ks == [5]
+    torch.testing.assert_close(base.dit(*args), reference_forward(ema, *args), atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(
+        lora.dit(*args), reference_forward(sd, *args, lora=pairs), atol=1e-5, rtol=1e-4
+    )
