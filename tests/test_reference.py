@@ -180,7 +180,8 @@ def test_converted_generator_exports_and_loads(tmp_path):
     stats = (torch.randn(C), torch.rand(C) + 0.5)
     gen = generator_from_reference(dit_from_reference(sd), pattern, stats)
     again = load(export(gen, tmp_path / "generator"))
-    assert again.spec.timestep_shift == 0.3 and again.spec.scale_at(32) == 10.5
+    assert again.spec.sample_steps == 24 and again.spec.timestep_shift == 0.3  # 25 grid points
+    assert again.spec.scale_at(32) == 10.5 and again.spec.cfg_interval == (0.1, 1.0)
     x, t, y = inputs(5)
     args = (x, t, y, pattern.gbar(5), pattern.sizes(5))
     torch.testing.assert_close(again.dit(*args), gen.dit(*args))

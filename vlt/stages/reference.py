@@ -52,10 +52,11 @@ DIT_KEYS: list[tuple[str, str]] = [
 PEFT_PREFIX = "base_model.model."
 _LORA = re.compile(r"^(.*)\.lora_(A|B)\.[^.]+\.weight$")
 
-# The reference's sampling protocol for its XL generator (README of movinghoon/lgm): 25 Euler steps
-# on a time grid shifted by 0.3, guidance only for t in [0.1, 1], weights per K.
+# The reference's sampling protocol for its XL generator (README of movinghoon/lgm): its
+# `--num_sampling_steps 25` is a 25-point grid linspace(0, 1, 25) integrated by Euler (24 steps), shifted
+# by 0.3, guidance only for t in [0.1, 1], weights per K.
 PAPER_FLOW = FlowSpec(
-    sample_steps=25, sampler="euler", timestep_shift=0.3, cfg_scale=8.0,
+    sample_steps=24, sampler="euler", timestep_shift=0.3, cfg_scale=8.0,
     cfg_scales={32: 10.5, 64: 8.0, 128: 6.5}, cfg_interval=(0.1, 1.0),
 )  # fmt: skip
 
