@@ -210,7 +210,48 @@ def test_vlt_convert_writes_exports_that_match_the_reference(tmp_path):
     args = (x, t, y, pattern.gbar(5), pattern.sizes(5))
     base, lora = load(out / "generator"), load(out / "lora_5" / "generator")
     assert base.pattern.equal(pattern) and lora.dit.cfg.lora_ks == [5]
+    assert (base.spec.noise, base.spec.guidance) == ("pooled", "per_position")
+    assert (lora.spec.noise, lora.spec.guidance, lora.spec.cfg_scale) == ("plain", "uniform", 2.0)
     torch.testing.assert_close(base.dit(*args), reference_forward(ema, *args), atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(
         lora.dit(*args), reference_forward(sd, *args, lora=pairs), atol=1e-5, rtol=1e-4
     )
+
+
+def test_legacy_sampling_options_plain_noise_and_uniform_guidance():
+    """The reference's legacy protocol (for its LoRA files): N(0, I_K) start, CFG at w on every token."""
+    from vlt.objectives.flow import RectifiedFlow
+
+    pattern = uneven_pattern()
+    gbar, sizes = pattern.gbar(5), pattern.sizes(5)
+    model = _ConstantGuide()
+    seen = model.seen
+    eps = torch.randn(4000, N, C, generator=torch.Generator().manual_seed(0))
+    flow, y = RectifiedFlow(), torch.zeros(4000, dtype=torch.long)
+    for kind, var in (("pooled", 1 / sizes), ("plain", torch.ones(5))):
+        seen.clear()
+        flow.sample(model, y=y, gbar=gbar, sizes=sizes, steps=1, noise=eps, noise_kind=kind, null_label=1)
+        torch.testing.assert_close(seen[0].var(dim=(0, 2)), var, atol=0.05, rtol=0.05)
+    for guidance, scale in (("uniform", torch.full((5,), 3.0)), ("per_position", 1 + 2.0 / sizes)):
+        out = flow.sample(model, y=y[:2], gbar=gbar, sizes=sizes, steps=1, cfg_scale=3.0, noise=eps[:2],
+                          guidance=guidance, null_label=1)  # fmt: skip
+        v = out - _start(eps[:2], gbar)  # one Euler step over [0, 1]: x1 = x0 + v
+        torch.testing.assert_close(v, scale[None, :, None].expand(2, 5, C))
+
+
+def _start(eps, gbar):
+    return torch.einsum("bnc,nk->bkc", eps, gbar)
+
+
+class _ConstantGuide(torch.nn.Module):
+    """v_cond = 1 (label 0), v_uncond = 0 (the null label 1); records the inputs it is called with."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: list[torch.Tensor] = []
+        self.cfg = type("Cfg", (), {"channels": C})()
+        self.null_label = 1
+
+    def forward(self, x, t, y, gbar, sizes):
+        self.seen.append(x.clone())
+        return torch.where((y == 0)[:, None, None], torch.ones_like(x), torch.zeros_like(x))

@@ -40,6 +40,10 @@ class FlowSpec:
         cfg_scale: guidance weight w (1 = none); the per-token scale is 1 + (w - 1)/m_j.
         cfg_scales: w per K (e.g. {32: 10.5, 64: 8.0, 128: 6.5}); a K not listed uses `cfg_scale`.
         cfg_interval: guide only for t in [lo, hi] (None: every step).
+        noise: starting noise of the sampler: "pooled" (Gbar^T eps, variance 1/m_j: what vlt trains
+            with) or "plain" (N(0, I_K): the reference's `legacy_sampling`, for its LoRA files).
+        guidance: "per_position" (scale 1 + (w - 1)/m_j per token) or "uniform" (w everywhere: the
+            reference's `cfg_rescale_mode=none`, also legacy).
     """
 
     t_mean: float = 0.0
@@ -50,8 +54,15 @@ class FlowSpec:
     cfg_scale: float = 1.5
     cfg_scales: dict[int, float] | None = None
     cfg_interval: tuple[float, float] | None = None
+    noise: Literal["pooled", "plain"] = "pooled"
+    guidance: Literal["per_position", "uniform"] = "per_position"
 
     def __post_init__(self) -> None:
+        if self.noise not in ("pooled", "plain") or self.guidance not in ("per_position", "uniform"):
+            raise ValueError(
+                f"noise must be 'pooled' or 'plain' and guidance 'per_position' or 'uniform', got "
+                f"{self.noise!r}, {self.guidance!r}"
+            )
         if self.sampler not in SAMPLERS:
             raise ValueError(f"unknown sampler {self.sampler!r}; choose one of {SAMPLERS}")
         if self.timestep_shift <= 0:
@@ -113,6 +124,21 @@ def pooled_noise(
     elif eps.shape[0] != b or eps.shape[-1] != c or eps.shape[1] != gbar.shape[-2]:
         raise ValueError(f"noise of shape {tuple(eps.shape)} for B={b}, N={gbar.shape[-2]}, C={c}")
     return merge(eps.to(gbar.device), gbar)  # (B, K, C)
+
+
+def start_noise(
+    b: int,
+    gbar: Tensor,
+    sizes: Tensor,
+    c: int,
+    generator: torch.Generator | None,
+    eps: Tensor | None,
+    kind: Literal["pooled", "plain"],
+) -> Tensor:
+    """The sampler's start (B, K, C): pooled noise (variance 1/m_j), or, for kind "plain", the same draw
+    scaled by sqrt(m_j) to unit variance per token (N(0, I_K), the reference's legacy sampling)."""
+    x = pooled_noise(b, gbar, c, generator, eps=eps)  # (B, K, C)
+    return x * sizes.to(x).sqrt()[..., None] if kind == "plain" else x
 
 
 def image_seed(seed: int, index: int, k: int) -> int:
@@ -220,6 +246,8 @@ class RectifiedFlow:
         channels: int | None = None,
         null_label: int | None = None,
         noise: Tensor | None = None,
+        noise_kind: Literal["pooled", "plain"] = "pooled",
+        guidance: Literal["per_position", "uniform"] = "per_position",
     ) -> Tensor:
         """Integrate the ODE from pooled noise (t = 0) to data (t = 1).
 
@@ -234,6 +262,7 @@ class RectifiedFlow:
             noise: (B, N, C) full-space starting noise eps instead of drawing it from `generator`
                 (pooled here as Gbar^T eps, like drawn noise; see `indexed_noise`).
             channels, null_label: default to `model.cfg.channels` and `model.null_label`.
+            noise_kind, guidance: see `FlowSpec.noise` and `FlowSpec.guidance`.
 
         Returns:
             (B, K, C) merged latents (unmerge and decode them to get images).
@@ -242,11 +271,16 @@ class RectifiedFlow:
             raise ValueError(f"unknown sampler {method!r}; choose one of {SAMPLERS}")
         c = channels if channels is not None else model.cfg.channels
         null = null_label if null_label is not None else model.null_label
-        guide = {"scale": cfg_scale, "null_label": null, "interval": cfg_interval}
+        guide = {
+            "scale": cfg_scale,
+            "null_label": null,
+            "interval": cfg_interval,
+            "uniform": guidance == "uniform",
+        }
         was_training = model.training
         model.eval()
         try:
-            x = pooled_noise(y.shape[0], gbar, c, generator, eps=noise)  # (B, K, C)
+            x = start_noise(y.shape[0], gbar, sizes, c, generator, noise, noise_kind)  # (B, K, C)
             for t0, t1 in pairwise(time_grid(steps, shift)):
                 v0 = self._velocity(model, x, t0, y, gbar, sizes, guide)  # (B, K, C)
                 if method == "heun":

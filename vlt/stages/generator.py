@@ -147,6 +147,8 @@ class LatentGenerator(nn.Module):
             cfg_interval=spec.cfg_interval,
             generator=generator,
             noise=noise,
+            noise_kind=spec.noise,
+            guidance=spec.guidance,
         )  # (B, K, C)
         return self.denormalise(x)
 

@@ -61,6 +61,14 @@ PAPER_FLOW = FlowSpec(
 )  # fmt: skip
 
 
+# How the reference evaluates its LoRA files (evaluate_lora.py, README): they were fine-tuned on a base
+# trained with plain noise, so it samples them with N(0, I_K) noise and plain CFG at w = 2.0.
+LORA_FLOW = FlowSpec(
+    sample_steps=24, sampler="euler", timestep_shift=0.3, cfg_scale=2.0, cfg_interval=(0.1, 1.0),
+    noise="plain", guidance="uniform",
+)  # fmt: skip
+
+
 class ConversionError(ValueError):
     """A reference file whose keys or shapes do not match the layout this converter knows."""
 

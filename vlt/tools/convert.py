@@ -16,6 +16,7 @@ from typing import Literal
 from vlt import console
 from vlt.stages import export
 from vlt.stages.reference import (
+    LORA_FLOW,
     PAPER_FLOW,
     dit_from_reference,
     generator_from_reference,
@@ -71,7 +72,7 @@ def convert(
     for k, path in _lora_files(lora or []).items():
         base, adapters = split_peft(model_state(read_reference(path), weights="model"), k)
         net = dit_from_reference(base, lora={k: adapters}, lora_alpha=lora_alpha)
-        gen = generator_from_reference(net, pattern, mean_std, flow=PAPER_FLOW)
+        gen = generator_from_reference(net, pattern, mean_std, flow=LORA_FLOW)
         written.append(export(gen, Path(out) / f"lora_{k}" / "generator"))
     root = Path(out)
     files = [p.relative_to(root) for folder in written for p in sorted(folder.iterdir())]
