@@ -72,7 +72,8 @@ def test_a_preset_override_from_a_later_file_and_the_command_line(tmp_path, caps
 
 @pytest.mark.parametrize(
     ("section", "message"),
-    [("{preset: q}", r"unknown dit preset 'q'; registered: \['b', 'l', 's', 'tiny', 'xl'\]"),
+    [("{preset: q}",
+      r"unknown dit preset 'q'; registered: \['b', 'l', 'lgm-b', 'lgm-xl', 's', 'tiny', 'xl'\]"),
      ("{preset: s, widht: 3}", r"dit preset 's' has no fields \['widht'\]")],
 )  # fmt: skip
 def test_a_bad_preset_fails_at_parse_naming_it(tmp_path, capsys, section, message):

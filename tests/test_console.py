@@ -96,7 +96,9 @@ def test_sample_takes_k_as_typed(tiny_dit, tmp_path):
     assert grid.height >= 128 and grid.width >= 3 * 128
 
 
-@pytest.mark.parametrize("tool", [["data", "--help"], ["curves", "--help"], ["allocate", "--help"]])
+@pytest.mark.parametrize(
+    "tool", [["data", "--help"], ["curves", "--help"], ["allocate", "--help"], ["convert", "--help"]]
+)
 def test_light_tools_start_without_lightning(tool):
     code = (
         "import sys\nfrom vlt.cli import main\n"

@@ -152,7 +152,10 @@ def test_flops_match_counter(k_conditioning):
 
 
 # --- contract tests generated from the registry ---
-PARAMS_M = {"tiny": (1.0, 1.6), "s": (30, 36), "b": (120, 135), "l": (440, 470), "xl": (650, 690)}
+PARAMS_M = {
+    "tiny": (1.0, 1.6), "s": (30, 36), "b": (120, 135), "l": (440, 470), "xl": (650, 690),
+    "lgm-b": (120, 135), "lgm-xl": (650, 690),
+}  # fmt: skip
 
 
 @pytest.mark.parametrize("name", list_presets("dit"))

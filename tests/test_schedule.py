@@ -120,11 +120,11 @@ def test_flops_of_a_schedule_are_the_sum_of_its_phases():
 def test_per_image_decisions_keep_order_labels_and_noise():
     gen, labels = _generator(), torch.tensor([0, 1, 2, 3, 1, 0])
     sched = "4,8@0.2,16@0.5,32@0.8"
-    rule = lambda tokens, y: torch.tensor([8, 32, 16, 32, 32, 8])  # noqa: E731
+    rule = lambda tokens, y: torch.tensor([8, 32, 16, 32, 32, 8])
     mixed = gen.generate_decided(labels, sched, rule, 0.4, generator=torch.Generator().manual_seed(5))
     assert mixed.ks.tolist() == [8, 32, 16, 32, 32, 8]
     for k in (8, 16, 32):
-        const = lambda tokens, y, k=k: torch.full((len(y),), k)  # noqa: E731
+        const = lambda tokens, y, k=k: torch.full((len(y),), k)
         alone = gen.generate_decided(labels, sched, const, 0.4, generator=torch.Generator().manual_seed(5))
         at = mixed.ks == k
         assert torch.allclose(mixed.images[at], alone.images[at], atol=1e-5)  # image i is image i

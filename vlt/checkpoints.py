@@ -54,10 +54,10 @@ def allow_project_classes() -> None:
     from vlt.models.dit import DiTConfig
     from vlt.models.tokenizer import TokenizerConfig
     from vlt.objectives.flow import FlowSpec
-    from vlt.specs import AlignEncoderSpec, JointSpec, LossSpec, MergeSpec, OptimSpec, PartLR
+    from vlt.specs import AlignEncoderSpec, JointSpec, LoRASpec, LossSpec, MergeSpec, OptimSpec, PartLR
 
     classes = [TokenizerConfig, DiTConfig, FlowSpec, MergeSpec, LossSpec, OptimSpec, JointSpec, PartLR]
-    torch.serialization.add_safe_globals([*classes, AlignEncoderSpec])
+    torch.serialization.add_safe_globals([*classes, AlignEncoderSpec, LoRASpec])
 
 
 def _where(path: str | os.PathLike, config_key: str | None) -> str:

@@ -4,6 +4,7 @@
     vlt data synthetic|photos|folder|imagenet ...             build webdataset shards
     vlt cache-latents ... / vlt sample ... / vlt curves ...   (stage tools)
     vlt export CKPT OUT                                       stage checkpoint -> export folder(s)
+    vlt convert --out OUT --merge_table T --stats S --dit xl.pth   reference release files -> export folder(s)
     vlt eval SAMPLES --ref REF [--features inception|vltnet|proxy]   FID, sFID, IS, P/R, KID (ADM protocol)
     vlt allocate --cache <latents> --budget <mean K> ...      per-image K over the nested grid
 
@@ -33,6 +34,7 @@ TOOLS: dict[str, str] = {
     "cache-latents": "vlt.tools.cache_latents:cache_latents",
     "sample": "vlt.tools.sample:sample",
     "export": "vlt.tools.export:export_checkpoint",
+    "convert": "vlt.tools.convert:convert",
     "curves": "vlt.callbacks.curves:curves",
     "allocate": "vlt.adaptive.command:allocate",
     "features": "vlt.metrics.features:features",

@@ -57,6 +57,23 @@ class LossSpec:
 
 
 @dataclass
+class LoRASpec:
+    """Stage 2 as "a DiT per K": train only the low-rank adapters of one K on a frozen base DiT.
+
+    Args:
+        k: the K whose adapters are trained (every step runs at this K; other K run the base).
+        base: a stage-2 checkpoint or generator export (`vlt export`, `vlt convert`) whose DiT weights
+            are the frozen base, read at fit start (None: the base is whatever the DiT starts with).
+        rank, alpha: adapter rank R and scale numerator (update scale alpha / R; the reference: 32, 32).
+    """
+
+    k: int
+    base: str | None = None
+    rank: int = 32
+    alpha: float = 32.0
+
+
+@dataclass
 class OptimSpec:
     """AdamW with linear warm-up and cosine decay to `min_lr_ratio * lr` over `trainer.max_steps`."""
 

@@ -20,6 +20,7 @@ conditioning; the generator keeps p(K | class) to sample one K per image.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any, Literal, get_args
 
 import lightning as L
@@ -31,8 +32,9 @@ from vlt.data.cache import LatentCache, load_allocation
 from vlt.models.dit import DiTConfig
 from vlt.models.pattern import PatternKind
 from vlt.models.tokenizer import TokenizerConfig
+from vlt.nn.lora import lora_parameters
 from vlt.objectives.flow import FlowSpec
-from vlt.specs import OptimSpec, param_groups
+from vlt.specs import LoRASpec, OptimSpec, param_groups
 from vlt.stages import AdaptiveSamples, LatentGenerator, load
 from vlt.stages.export import build_generator
 from vlt.types import LatentBatch
@@ -85,6 +87,8 @@ class LitDiT(L.LightningModule):
             content-adaptive; needs dit.k_conditioning and a datamodule with an allocation).
         allocation: allocation.json of `vlt allocate` (k_source="data"; default <cache>/allocation.json).
         prior_grid: the allocation's K grid (filled from `allocation`).
+        lora: train only the adapters of one K on a frozen base DiT (`LoRASpec`; the paper's "a DiT
+            per K"): every step runs at `lora.k`, the base weights come from `lora.base` at fit start.
     """
 
     def __init__(
@@ -102,6 +106,7 @@ class LitDiT(L.LightningModule):
         k_source: KSource = "cycle",
         allocation: str | None = None,
         prior_grid: list[int] | None = None,
+        lora: LoRASpec | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(init_args(locals()))
@@ -118,12 +123,17 @@ class LitDiT(L.LightningModule):
             )
         ks = self.hparams.ks = sorted(ks or [dit.n_slots])
         kind = self.hparams.pattern_kind = pattern_kind or "contiguous"
+        if lora is not None:
+            dit, k_cycle = lora_setup(dit, lora, ks, k_source)
+            self.hparams.dit, self.hparams.k_cycle = dit, k_cycle
         self.generator = build_generator(
             dit, {"n": dit.n_slots, "ks": ks, "kind": kind}, flow=flow, tokenizer=tokenizer_config,
             prior_grid=prior_grid,
         )  # fmt: skip
         self.ks, self.k_source, self.optim_spec = ks, k_source, optim
         self.k_cycle = train_cycle(k_cycle, ks, dit.n_slots)
+        if lora is not None:
+            freeze_all_but_adapters(self.generator.dit, lora.k)
         # Constant buffers: keep DDP from broadcasting them on every forward, which would hang
         # validation when ranks hold different numbers of batches (exactly-once split).
         self._ddp_params_and_buffers_to_ignore = [name for name, _ in self.named_buffers()]
@@ -170,6 +180,8 @@ class LitDiT(L.LightningModule):
             gen.take_tokenizer(load(hp.tokenizer, part="tokenizer"), source=source)
         if self.k_source == "data":
             gen.k_probs.copy_(prior_probs(_allocation_path(hp), gen))
+        if hp.lora is not None and hp.lora.base:
+            load_lora_base(gen, load(hp.lora.base), hp.lora.k, source=hp.lora.base)
 
     def setup(self, stage: str) -> None:
         """A new fit reads its sources; a resumed one (ckpt_path) restores everything after this hook."""
@@ -214,9 +226,12 @@ class LitDiT(L.LightningModule):
             self.log("val/loss_adaptive", self.val_loss_adaptive.compute())
             self.val_loss_adaptive.reset()
 
+    def optimizer_groups(self) -> list[dict]:
+        """The optimizer's parameter groups: the DiT's trainable weights (only adapters with `lora`)."""
+        return param_groups(self.generator.dit, self.optim_spec.weight_decay)
+
     def configure_optimizers(self) -> dict:
-        groups = param_groups(self.generator.dit, self.optim_spec.weight_decay)
-        return self.optim_spec.build(groups, self.trainer.max_steps)
+        return self.optim_spec.build(self.optimizer_groups(), self.trainer.max_steps)
 
     # --- the token-budget protocol (vlt.callbacks.token_budget) ---
     def budget_generate(self, labels: Tensor, k: int, cfg_scale: float | None, generator=None) -> Tensor:
@@ -272,4 +287,43 @@ def check_cache(cache: LatentCache, cfg: DiTConfig) -> None:
         raise ValueError(
             f"latent cache {cache.root} holds {meta['n_slots']}x{meta['channels']} latents but the DiT "
             f"expects N={cfg.n_slots}, C={cfg.channels}: set model.dit.n_slots/channels to the tokenizer's"
+        )
+
+
+def lora_setup(dit: DiTConfig, lora: LoRASpec, ks: list[int], k_source: str) -> tuple[DiTConfig, list[int]]:
+    """The DiT config with adapters for `lora.k` (beside any it has) and the training cycle [k]."""
+    if k_source != "cycle":
+        raise ValueError("lora trains the adapters of one K: use k_source='cycle'")
+    if lora.k not in ks:
+        raise ValueError(f"lora.k={lora.k} is not a K this model serves ({ks}): set ks or lora.k")
+    if dit.lora_ks and (dit.lora_rank, dit.lora_alpha) != (lora.rank, lora.alpha):
+        raise ValueError(
+            f"the DiT's adapters have rank {dit.lora_rank}, alpha {dit.lora_alpha}; lora asks for "
+            f"rank {lora.rank}, alpha {lora.alpha}: adapters of one DiT share them"
+        )
+    lora_ks = sorted({*(dit.lora_ks or []), lora.k})
+    return replace(dit, lora_ks=lora_ks, lora_rank=lora.rank, lora_alpha=lora.alpha), [lora.k]
+
+
+def freeze_all_but_adapters(dit: nn.Module, k: int) -> None:
+    """Only the adapters of K = k train; every other DiT weight stays as the base left it."""
+    dit.requires_grad_(False)
+    for _, param in lora_parameters(dit, k):
+        param.requires_grad_(True)
+
+
+@torch.no_grad()
+def load_lora_base(gen: LatentGenerator, base: Any, k: int, *, source: str) -> None:
+    """Copy the base generator's DiT into `gen.dit`; only the adapters of K = k may be missing."""
+    if not isinstance(base, LatentGenerator):
+        raise ValueError(f"lora.base {source} holds a {type(base).__name__}, not a stage-2 generator")
+    if k not in base.ks or not base.pattern.subset([k]).equal(gen.pattern.subset([k])):
+        raise ValueError(f"lora.base {source} does not carry this model's merge pattern at K={k}")
+    result = gen.dit.load_state_dict(base.dit.state_dict(), strict=False)
+    own = {name for name, _ in lora_parameters(gen.dit, k)}
+    if result.unexpected_keys or set(result.missing_keys) - own:
+        raise ValueError(
+            f"lora.base {source}: its DiT does not match this one (missing "
+            f"{sorted(set(result.missing_keys) - own)[:6]}, unexpected {result.unexpected_keys[:6]}): "
+            "set model.init_args.dit to the base's DiT config"
         )

@@ -21,8 +21,12 @@ from torch import Tensor, nn
 from vlt.models.merge_ops import merge
 from vlt.models.registry import register, register_model
 from vlt.nn.attention import Attention, size_bias
+from vlt.nn.lora import add_lora
 from vlt.nn.mlp import SwiGLU
 from vlt.nn.modulation import AdaLN, LabelEmbedder, ScalarEmbedder, modulate
+
+# The linears of each block that carry per-K adapters (the reference's LoRA targets).
+LORA_TARGETS = ("attn.qkv", "attn.proj", "mlp.w12", "mlp.w3")
 
 
 @dataclass
@@ -40,6 +44,13 @@ class DiTConfig:
         k_conditioning: add an embedding of K to the adaLN conditioning.
         freq_dim: sinusoidal feature width of the t (and K) embedders.
         pos_std: init std of the learned slot positions.
+        norm_affine: learned weights on the block and final RMSNorms (the reference LightningDiT has
+            them; vlt's own presets leave them out, as adaLN's scale already covers them).
+        t_scale: the flow time is multiplied by this before the sinusoidal t embedding (1000 spreads
+            t in [0, 1] over the frequencies like DiT's integer steps; the reference feeds t as is: 1).
+        lora_ks: K values with a low-rank adapter on every block's attention and SwiGLU linears
+            (`vlt.nn.lora`; the paper's "a DiT per K"); None: no adapters.
+        lora_rank, lora_alpha: adapter rank R and scale numerator (update scale alpha / R).
     """
 
     n_slots: int = 32
@@ -54,6 +65,11 @@ class DiTConfig:
     k_conditioning: bool = False
     freq_dim: int = 256
     pos_std: float = 0.02
+    norm_affine: bool = False
+    t_scale: float = 1000.0
+    lora_ks: list[int] | None = None
+    lora_rank: int = 32
+    lora_alpha: float = 32.0
 
     @property
     def hidden(self) -> int:
@@ -71,9 +87,9 @@ class DiTBlock(nn.Module):
     def __init__(self, cfg: DiTConfig) -> None:
         super().__init__()
         d = cfg.width
-        self.norm1 = nn.RMSNorm(d, elementwise_affine=False)
+        self.norm1 = nn.RMSNorm(d, elementwise_affine=cfg.norm_affine)
         self.attn = Attention(d, cfg.heads, qk_norm=cfg.qk_norm)
-        self.norm2 = nn.RMSNorm(d, elementwise_affine=False)
+        self.norm2 = nn.RMSNorm(d, elementwise_affine=cfg.norm_affine)
         self.mlp = SwiGLU(d, cfg.hidden)
         self.ada = AdaLN(d, 6)
 
@@ -89,7 +105,7 @@ class FinalLayer(nn.Module):
 
     def __init__(self, cfg: DiTConfig) -> None:
         super().__init__()
-        self.norm = nn.RMSNorm(cfg.width, elementwise_affine=False)
+        self.norm = nn.RMSNorm(cfg.width, elementwise_affine=cfg.norm_affine)
         self.ada = AdaLN(cfg.width, 2)
         self.linear = nn.Linear(cfg.width, cfg.channels)
 
@@ -107,12 +123,14 @@ class DiT(nn.Module):
         d = cfg.width
         self.x_embed = nn.Linear(cfg.channels, d)
         self.pos = nn.Parameter(torch.zeros(cfg.n_slots, d))  # (N, D) learned slot positions
-        self.t_embed = ScalarEmbedder(d, freq_dim=cfg.freq_dim, scale=1000.0)
+        self.t_embed = ScalarEmbedder(d, freq_dim=cfg.freq_dim, scale=cfg.t_scale)
         self.y_embed = LabelEmbedder(cfg.num_classes, d, dropout=cfg.class_dropout)
         self.k_embed = ScalarEmbedder(d, freq_dim=cfg.freq_dim) if cfg.k_conditioning else None
         self.blocks = nn.ModuleList(DiTBlock(cfg) for _ in range(cfg.depth))
         self.final = FinalLayer(cfg)
         self.initialize_weights()
+        if cfg.lora_ks:  # after the init: adapters start at B = 0, so the base network is unchanged
+            add_lora(self.blocks, LORA_TARGETS, cfg.lora_ks, rank=cfg.lora_rank, alpha=cfg.lora_alpha)
 
     @property
     def null_label(self) -> int:
@@ -240,7 +258,8 @@ class DiT(nn.Module):
         scalar_mlp = 2 * (cfg.freq_dim * d + d * d)
         cond = scalar_mlp * (2 if cfg.k_conditioning else 1)
         final = 2 * d * 2 * d + 2 * k * d * cfg.channels
-        return blocks + embed + cond + final
+        lora = 2 * k * cfg.lora_rank * (8 * d + 3 * h) * cfg.depth if k in (cfg.lora_ks or ()) else 0
+        return blocks + embed + cond + final + lora
 
 
 # --- presets: (width, depth, heads) as in DiT/LightningDiT; N and C match the tokenizer presets ---
@@ -275,3 +294,24 @@ def dit_l() -> DiTConfig:
 @register("dit", "xl")
 def dit_xl() -> DiTConfig:
     return _preset(1152, 28, 16, 256, 32)
+
+
+def _reference(width: int, depth: int, heads: int) -> DiTConfig:
+    """The reference LightningDiT on 1D latents (its `force_one_d_seq=256` path): learned RMSNorm
+    weights, raw flow time into the t embedder, ImageNet's 1000 classes, N = 256 slots of C = 32."""
+    return DiTConfig(
+        width=width, depth=depth, heads=heads, n_slots=256, channels=32, num_classes=1000,
+        norm_affine=True, t_scale=1.0,
+    )  # fmt: skip
+
+
+@register("dit", "lgm-b")
+def dit_lgm_b() -> DiTConfig:
+    """The reference's LightningDiT-B block layout (the paper's DiT-B rows)."""
+    return _reference(768, 12, 12)
+
+
+@register("dit", "lgm-xl")
+def dit_lgm_xl() -> DiTConfig:
+    """The reference's LightningDiT-XL block layout: the released `xl.pth` converts into it."""
+    return _reference(1152, 28, 16)

@@ -41,6 +41,10 @@ class FlowSpec:
         cfg_scale: guidance weight w (1 = none); the per-token scale is 1 + (w - 1)/m_j.
         cfg_scales: w per K (e.g. {32: 10.5, 64: 8.0, 128: 6.5}); a K not listed uses `cfg_scale`.
         cfg_interval: guide only for t in [lo, hi] (None: every step).
+        noise: starting noise of the sampler: "pooled" (Gbar^T eps, variance 1/m_j: what vlt trains
+            with) or "plain" (N(0, I_K): the reference's `legacy_sampling`, for its LoRA files).
+        guidance: "per_position" (scale 1 + (w - 1)/m_j per token) or "uniform" (w everywhere: the
+            reference's `cfg_rescale_mode=none`, also legacy).
     """
 
     t_mean: float = 0.0
@@ -51,8 +55,15 @@ class FlowSpec:
     cfg_scale: float = 1.5
     cfg_scales: dict[int, float] | None = None
     cfg_interval: tuple[float, float] | None = None
+    noise: Literal["pooled", "plain"] = "pooled"
+    guidance: Literal["per_position", "uniform"] = "per_position"
 
     def __post_init__(self) -> None:
+        if self.noise not in ("pooled", "plain") or self.guidance not in ("per_position", "uniform"):
+            raise ValueError(
+                f"noise must be 'pooled' or 'plain' and guidance 'per_position' or 'uniform', got "
+                f"{self.noise!r}, {self.guidance!r}"
+            )
         if self.sampler not in SAMPLERS:
             raise ValueError(f"unknown sampler {self.sampler!r}; choose one of {SAMPLERS}")
         if self.timestep_shift <= 0:
@@ -116,6 +127,21 @@ def pooled_noise(
     return merge(eps.to(gbar.device), gbar)  # (B, K, C)
 
 
+def start_noise(
+    b: int,
+    gbar: Tensor,
+    sizes: Tensor,
+    c: int,
+    generator: torch.Generator | None,
+    eps: Tensor | None,
+    kind: Literal["pooled", "plain"],
+) -> Tensor:
+    """The sampler's start (B, K, C): pooled noise (variance 1/m_j), or, for kind "plain", the same draw
+    scaled by sqrt(m_j) to unit variance per token (N(0, I_K), the reference's legacy sampling)."""
+    x = pooled_noise(b, gbar, c, generator, eps=eps)  # (B, K, C)
+    return x * sizes.to(x).sqrt()[..., None] if kind == "plain" else x
+
+
 def image_seed(seed: int, index: int, k: int) -> int:
     """A 63-bit seed that depends on (seed, global image index, K) only: hash-mixed, not seed + index,
     so neighbouring seeds do not share images shifted by one index."""
@@ -150,11 +176,12 @@ class Level(NamedTuple):
 
 class Guide(NamedTuple):
     """Classifier-free guidance of a sampler: weight w, t-interval (None: every step), null label
-    (None: the model's)."""
+    (None: the model's), uniform (w on every token instead of 1 + (w - 1)/m_j; `FlowSpec.guidance`)."""
 
     scale: float = 1.0
     interval: tuple[float, float] | None = None
     null_label: int | None = None
+    uniform: bool = False
 
 
 class NoisyBatch(NamedTuple):
@@ -239,6 +266,8 @@ class RectifiedFlow:
         channels: int | None = None,
         null_label: int | None = None,
         noise: Tensor | None = None,
+        noise_kind: Literal["pooled", "plain"] = "pooled",
+        guidance: Literal["per_position", "uniform"] = "per_position",
     ) -> Tensor:
         """Integrate the ODE from pooled noise (t = 0) to data (t = 1) at one K.
 
@@ -253,6 +282,7 @@ class RectifiedFlow:
             noise: (B, N, C) full-space starting noise eps instead of drawing it from `generator`
                 (pooled here as Gbar^T eps, like drawn noise; see `indexed_noise`).
             channels, null_label: default to `model.cfg.channels` and `model.null_label`.
+            noise_kind, guidance: see `FlowSpec.noise` and `FlowSpec.guidance`.
 
         Returns:
             (B, K, C) merged latents (unmerge and decode them to get images).
@@ -260,8 +290,8 @@ class RectifiedFlow:
         k = gbar.shape[-1]
         return self.integrate(
             model, y=y, levels={k: Level(gbar, sizes)}, step_ks=[k] * steps, grid=time_grid(steps, shift),
-            method=method, guide=Guide(cfg_scale, cfg_interval, null_label), generator=generator,
-            channels=channels, noise=noise,
+            method=method, guide=Guide(cfg_scale, cfg_interval, null_label, guidance == "uniform"),
+            generator=generator, channels=channels, noise=noise, noise_kind=noise_kind,
         )  # fmt: skip
 
     @torch.no_grad()
@@ -270,11 +300,13 @@ class RectifiedFlow:
         grid: Sequence[float], method: str = "euler", guide: Guide | None = None, x: Tensor | None = None,
         start: int = 0, stop: int | None = None, generator: torch.Generator | None = None,
         channels: int | None = None, noise: Tensor | None = None, split_noise: Sequence[Tensor] = (),
+        noise_kind: Literal["pooled", "plain"] = "pooled",
     ) -> Tensor:  # fmt: skip
         """Steps `start`..`stop` of `grid`, step i at K = step_ks[i]; where K grows the state splits into
         the finer level's tokens (`vlt.objectives.schedule.split_tokens`, fresh noise from `split_noise`
-        in order, then from `generator`). `x` (B, K, C) is the state at grid[start] (None: pooled noise
-        at t = 0, from `noise` (B, N, C) or `generator`). Returns the state (B, K, C) at grid[stop]."""
+        in order, then from `generator`). `x` (B, K, C) is the state at grid[start] (None: start noise
+        of `noise_kind` at t = 0, from `noise` (B, N, C) or `generator`). Returns the state (B, K, C)
+        at grid[stop]."""
         if method not in SAMPLERS:
             raise ValueError(f"unknown sampler {method!r}; choose one of {SAMPLERS}")
         stop = len(step_ks) if stop is None else stop
@@ -286,7 +318,8 @@ class RectifiedFlow:
         model.eval()
         try:
             if x is None:
-                x = pooled_noise(y.shape[0], levels[step_ks[start]].gbar, c, generator, eps=noise)
+                first = levels[step_ks[start]]
+                x = start_noise(y.shape[0], first.gbar, first.sizes, c, generator, noise, noise_kind)
             for i in range(start, stop):
                 t0, t1, k = grid[i], grid[i + 1], step_ks[i]
                 if x.shape[1] != k:
@@ -312,5 +345,7 @@ class RectifiedFlow:
         tb = torch.full((x.shape[0],), t, device=x.device)  # (B,)
         if guide.scale == 1.0:
             return model(x, tb, y, gbar, sizes)
-        scale, interval, null = guide
-        return guided_velocity(model, x, tb, y, gbar, sizes, scale=scale, null_label=null, interval=interval)
+        scale, interval, null, uniform = guide
+        return guided_velocity(
+            model, x, tb, y, gbar, sizes, scale=scale, null_label=null, interval=interval, uniform=uniform
+        )

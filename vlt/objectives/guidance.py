@@ -48,6 +48,7 @@ def guided_velocity(
     scale: float,
     null_label: int,
     interval: tuple[float, float] | None = None,
+    uniform: bool = False,
 ) -> Tensor:
     """Velocity with classifier-free guidance, from one batched forward of [cond; uncond].
 
@@ -58,6 +59,7 @@ def guided_velocity(
         scale: guidance weight w (1 = no guidance).
         null_label: the label that means "unconditional".
         interval: guide only where t lies in [lo, hi]; elsewhere the conditional prediction is used.
+        uniform: scale w on every token (plain CFG) instead of 1 + (w - 1)/m_j.
 
     Returns:
         (B, K, C) guided velocity.
@@ -71,5 +73,5 @@ def guided_velocity(
     sizes2 = sizes if sizes.ndim == 1 else torch.cat([sizes, sizes])
     v = model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, y_null]), gbar2, sizes2)  # (2B, K, C)
     v_cond, v_uncond = v[:b], v[b:]
-    guided = combine(v_cond, v_uncond, scale, sizes)  # (B, K, C)
+    guided = combine(v_cond, v_uncond, scale, torch.ones_like(sizes) if uniform else sizes)  # (B, K, C)
     return torch.where(active[:, None, None], guided, v_cond)

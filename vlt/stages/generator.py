@@ -139,7 +139,14 @@ class LatentGenerator(nn.Module):
             raise ValueError(f"K schedule {schedule} uses K={unknown}; this generator's levels: {self.ks}")
         if len(schedule.ks) > 1 and not self.pattern.subset(schedule.ks).nested():
             raise ValueError(f"K schedule {schedule}: its levels are not nested cuts, so tokens cannot split")
+        if len(schedule.ks) > 1 and self.spec.noise != "pooled":
+            raise ValueError(
+                f"K schedule {schedule}: splitting tokens needs pooled noise (flow.noise: pooled)"
+            )
         return schedule
+
+    def _guide(self, scale: float) -> Guide:
+        return Guide(scale, self.spec.cfg_interval, uniform=self.spec.guidance == "uniform")
 
     def levels(self, ks: Sequence[int]) -> dict[int, Level]:
         """The sampler's view of levels `ks` of the pattern, on the generator's device."""
@@ -173,7 +180,8 @@ class LatentGenerator(nn.Module):
         x = self.flow.integrate(
             self.dit, y=self.labels(labels.to(self.latent_mean.device)), levels=self.levels(schedule.ks),
             step_ks=schedule.ks_per_step(grid), grid=grid, method=spec.sampler,
-            guide=Guide(scale, spec.cfg_interval), generator=generator, noise=noise, split_noise=split_noise,
+            guide=self._guide(scale), generator=generator, noise=noise, split_noise=split_noise,
+            noise_kind=spec.noise,
         )  # fmt: skip
         return self.denormalise(x)  # (B, K, C)
 
@@ -253,7 +261,7 @@ class LatentGenerator(nn.Module):
         stop = self._decision_step(grid, at)
         step_ks, levels = schedule.ks_per_step(grid), self.levels(schedule.ks)
         scale = self.spec.scale_at(schedule.final_k) if cfg_scale is None else cfg_scale
-        guide, y = Guide(scale, self.spec.cfg_interval), self.labels(labels.to(device))
+        guide, y = self._guide(scale), self.labels(labels.to(device))
         run = dict(levels=levels, grid=grid, method=self.spec.sampler, guide=guide, generator=generator)
         x = self.flow.integrate(self.dit, y=y, step_ks=step_ks, stop=stop, **run)  # (B, Kd, C)
         kd, t = x.shape[1], grid[stop]
