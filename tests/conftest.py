@@ -109,6 +109,7 @@ def tiny_dit(tmp_path_factory, tiny_latents, tiny_tokenizer, tiny_vltnet, tiny_s
             f"--latents={tiny_latents}",
             f"--model.init_args.tokenizer={tiny_tokenizer}",
             *TINY_DIT,
+            "--model.init_args.flow.split_prob=0.5",  # coarse-to-fine training states on half the samples
             *budget_overrides(tiny_vltnet, tiny_shards["val"]),
         ]
     )

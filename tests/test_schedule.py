@@ -9,7 +9,7 @@ from vlt.adaptive.coarse import CoarseDecider, fit_decider_predictor
 from vlt.models.dit import DiTConfig
 from vlt.models.pattern import MergePattern
 from vlt.models.tokenizer import TokenizerConfig
-from vlt.objectives.schedule import KSchedule, split_tokens
+from vlt.objectives.schedule import KSchedule, split_path, split_tokens
 from vlt.stages import LatentGenerator
 
 TOK = TokenizerConfig(width=32, heads=2, enc_depth=1, dec_depth=1)  # N = 32, C = 16
@@ -70,6 +70,8 @@ def test_schedule_text_steps_and_capping():
     assert sched.phases == ((0.0, 4), (0.3, 8), (0.6, 16)) and str(sched) == "4,8@0.3,16@0.6"
     grid = [i / 10 for i in range(11)]
     assert sched.ks_per_step(grid) == [4, 4, 4, 8, 8, 8, 16, 16, 16, 16]
+    assert KSchedule.parse("4,8@0.05,16@0.5").ks_per_step(grid) == [4] + [8] * 4 + [16] * 5
+    assert KSchedule.parse("4,8@0.25,16@0.3").ks_per_step(grid) == [4] * 3 + [16] * 7  # 8 gets no step
     assert sched.capped(8) == KSchedule(((0.0, 4), (0.3, 8)))
     assert sched.capped(4) == KSchedule.constant(4)
     for bad in ("8,4@0.5", "4,8", "4,8@1.0", "x"):
@@ -152,3 +154,66 @@ def test_the_coarse_decider_learns_curves_and_applies_its_rules():
     assert abs(float(ks_budget.double().mean()) - 16.0) < 2.0
     with pytest.raises(ValueError, match="exactly one rule"):
         CoarseDecider(predictor)
+
+
+def test_split_training_states_lead_straight_to_the_data():
+    """The split-aware target reaches x1 from its state; s = 0 is plain flow matching, s = t a split."""
+    g = torch.Generator().manual_seed(0)
+    x1, parent, eps = (torch.randn(6, 4, 3, generator=g) for _ in range(3))
+    t = torch.tensor([0.1, 0.3, 0.5, 0.6, 0.8, 0.95])
+    s = torch.tensor([0.0, 0.3, 0.2, 0.6, 0.7, 0.0])
+    x_t, v = split_path(x1, parent, eps, t, s)
+    tt = t[:, None, None]
+    assert torch.allclose(x_t + (1 - tt) * v, x1, atol=1e-5)  # one Euler step to t = 1 lands on the data
+    plain = s == 0
+    assert torch.allclose(x_t[plain], (tt * x1 + (1 - tt) * eps)[plain], atol=1e-6)
+    assert torch.allclose(v[plain], (x1 - eps)[plain], atol=1e-6)
+    at_split = s == t  # right after the split: children at their parents' means, fine noise
+    assert torch.allclose(x_t[at_split], (tt * parent + (1 - tt) * eps)[at_split], atol=1e-6)
+    from vlt.objectives.flow import RectifiedFlow
+
+    path = RectifiedFlow().split_noisy(x1, parent, torch.eye(4), prob=0.0, max_t=0.7)
+    assert torch.allclose(path.target, x1 - path.eps, atol=1e-6)  # prob 0: nothing changes
+
+
+@pytest.mark.slow
+def test_coarse_to_fine_budget_rows_of_a_dit_trained_for_splits(tiny_dit, tiny_vltnet, tiny_shards, tmp_path):
+    from vlt import load
+    from vlt.metrics.budget import BudgetEvaluator, CoarseToFineBudget
+    from vlt.metrics.budget.data import read_shard_images
+
+    gen = load(str(tiny_dit)).eval()
+    assert gen.spec.split_prob == 0.5  # the fixture's fit trained with split states
+    with pytest.raises(ValueError, match="K=32 is never reached"):
+        gen.flops("4,32@0.75")  # the fixture samples with 2 steps: t = 0 and 0.5
+    gen.spec.sample_steps = 8
+    g = torch.Generator().manual_seed(0)
+    z, labels = (
+        torch.randn(64, 32, gen.dit.cfg.channels, generator=g),
+        torch.randint(0, 10, (64,), generator=g),
+    )
+    grid = [8, 16, 32]
+    psnr = 20 + torch.tensor(grid).float() / 8 - 4 * z[:, :4].mean(dim=(1, 2))[:, None]
+    predictor = fit_decider_predictor(gen, z, labels, psnr, grid, k=4, at=0.5, steps=50, width=16)
+    with pytest.raises(ValueError, match="reads K=4 tokens"):  # at t = 0.5 the schedule is at K = 8
+        gen.generate_decided(labels[:2], "4,8@0.25,32@0.75", CoarseDecider(predictor, floor=20.0), 0.5)
+    predictor = fit_decider_predictor(gen, z, labels, psnr, grid, k=8, at=0.5, steps=50, width=16)
+    module = CoarseToFineBudget(
+        gen, "4,8@0.25,16@0.5,32@0.75", at=0.5, decider=lambda b: CoarseDecider(predictor, budget=b)
+    )
+    images, y = read_shard_images(tiny_shards["val"], 16, 32, 16)
+    evaluator = BudgetEvaluator(
+        ks=[8, 16, 32], budgets=[16.0], metrics=["gfid"], num_images=16, batch_size=16,
+        cache_dir=str(tmp_path), feature_net=str(tiny_vltnet), feature_scores=["fd"], replicates=10,
+    )  # fmt: skip
+    rows = evaluator.evaluate(module, torch.cat(images), torch.cat(y))
+    fixed = {r["k"]: r for r in rows if r["mode"] == "fixed"}
+    for k, row in fixed.items():  # row K samples the schedule capped at K and is priced that way
+        assert row["flops"] == pytest.approx(gen.flops(KSchedule.parse("4,8@0.25,16@0.5,32@0.75").capped(k)))
+        assert row["gfd_vltnet"] == row["gfd_vltnet"]
+    (adaptive,) = [r for r in rows if r["mode"] == "adaptive"]
+    assert 8 <= adaptive["tokens"] <= 32 and adaptive["gfd_vltnet"] == adaptive["gfd_vltnet"]
+    # Each image's FLOPs: its capped schedule plus the decision call at K = 8 (in use at t = 0.5).
+    lo = gen.decided_flops("4,8@0.25,16@0.5,32@0.75", 8, 0.5)
+    hi = gen.decided_flops("4,8@0.25,16@0.5,32@0.75", 32, 0.5)
+    assert lo <= adaptive["flops"] <= hi and hi == pytest.approx(fixed[32]["flops"] + gen.dit.flops(8))

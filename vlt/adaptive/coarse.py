@@ -50,6 +50,11 @@ class CoarseDecider(nn.Module):
         self.predictor, self.floor, self.budget = predictor.eval(), floor, budget
         self.cost, self.distortion = cost, distortion
 
+    @property
+    def k(self) -> int:
+        """Kd, the token count the decider reads."""
+        return self.predictor.n_slots
+
     @torch.no_grad()
     def forward(self, tokens: Tensor, labels: Tensor | None = None) -> Tensor:
         curves = self.predictor(tokens.float()).double().cpu()  # (B, G) dB

@@ -198,15 +198,23 @@ class LitDiT(L.LightningModule):
             return batch_k(batch)
         return self.k_cycle[self.global_step % len(self.k_cycle)]
 
-    def _loss(self, batch: LatentBatch, k: int) -> dict[str, Tensor]:
-        gen = self.generator
-        x1 = gen.pattern.merge(gen.normalise(batch.latent), k)  # (B, K, C)
-        y = gen.labels(batch.label)
-        return gen.flow.training_losses(gen.dit, x1, y, gen.pattern.gbar(k), gen.pattern.sizes(k))
+    def _loss(self, batch: LatentBatch, k: int, *, train: bool = False) -> dict[str, Tensor]:
+        gen, spec = self.generator, self.generator.spec
+        z = gen.normalise(batch.latent)  # (B, N, C)
+        x1, y = gen.pattern.merge(z, k), gen.labels(batch.label)  # (B, K, C), (B,)
+        gbar, sizes = gen.pattern.gbar(k), gen.pattern.sizes(k)
+        coarser = [a for a in gen.ks if a < k]
+        if not (train and spec.split_prob > 0 and coarser):
+            return gen.flow.training_losses(gen.dit, x1, y, gbar, sizes)
+        # Coarse-to-fine training: the split came from a coarser level of the pattern, drawn per step.
+        a = coarser[int(torch.randint(len(coarser), ()))]
+        parent = gen.pattern.merge(gen.pattern.unmerge(gen.pattern.merge(z, a)), k)  # (B, K, C)
+        path = gen.flow.split_noisy(x1, parent, gbar, spec.split_prob, spec.split_max_t)
+        return gen.flow.velocity_loss(gen.dit(path.x_t, path.t, y, gbar, sizes), path.target, sizes)
 
     def training_step(self, batch: LatentBatch, batch_idx: int) -> Tensor:
         k = self.training_k(batch)
-        parts = self._loss(batch, k)
+        parts = self._loss(batch, k, train=True)
         self.log_dict({"train/loss": parts["loss"], "train/mse": parts["mse"], "train/k": float(k)})
         return parts["loss"]
 

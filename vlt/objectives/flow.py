@@ -25,7 +25,7 @@ from torch import Tensor, nn
 
 from vlt.models.merge_ops import merge
 from vlt.objectives.guidance import guided_velocity, in_interval
-from vlt.objectives.schedule import draw_split_noise, split_tokens
+from vlt.objectives.schedule import draw_split_noise, split_path, split_tokens
 
 SAMPLERS = ("euler", "heun")
 
@@ -41,6 +41,10 @@ class FlowSpec:
         cfg_scale: guidance weight w (1 = none); the per-token scale is 1 + (w - 1)/m_j.
         cfg_scales: w per K (e.g. {32: 10.5, 64: 8.0, 128: 6.5}); a K not listed uses `cfg_scale`.
         cfg_interval: guide only for t in [lo, hi] (None: every step).
+        split_prob: share of stage-2 training samples drawn as states of a coarse-to-fine sampler
+            that split its tokens at a time s < min(t, split_max_t) (`vlt.objectives.schedule`): what
+            a DiT needs to fill in the detail after a split. 0 = plain flow matching.
+        split_max_t: latest split time trained for (the target grows as s / (1 - s)).
         noise: starting noise of the sampler: "pooled" (Gbar^T eps, variance 1/m_j: what vlt trains
             with) or "plain" (N(0, I_K): the reference's `legacy_sampling`, for its LoRA files).
         guidance: "per_position" (scale 1 + (w - 1)/m_j per token) or "uniform" (w everywhere: the
@@ -55,6 +59,8 @@ class FlowSpec:
     cfg_scale: float = 1.5
     cfg_scales: dict[int, float] | None = None
     cfg_interval: tuple[float, float] | None = None
+    split_prob: float = 0.0
+    split_max_t: float = 0.7
     noise: Literal["pooled", "plain"] = "pooled"
     guidance: Literal["per_position", "uniform"] = "per_position"
 
@@ -66,6 +72,11 @@ class FlowSpec:
             )
         if self.sampler not in SAMPLERS:
             raise ValueError(f"unknown sampler {self.sampler!r}; choose one of {SAMPLERS}")
+        if not 0 <= self.split_prob <= 1 or not 0 < self.split_max_t < 1:
+            raise ValueError(
+                f"need 0 <= split_prob <= 1 and 0 < split_max_t < 1, got split_prob={self.split_prob}, "
+                f"split_max_t={self.split_max_t}"
+            )
         if self.timestep_shift <= 0:
             raise ValueError(f"timestep_shift must be positive, got {self.timestep_shift}")
         if self.sample_steps < 1:
@@ -240,6 +251,17 @@ class RectifiedFlow:
         tt = t[:, None, None].to(x1)
         x_t = tt * x1 + (1 - tt) * eps  # (B, K, C)
         return NoisyBatch(x_t=x_t, t=t, eps=eps, target=x1 - eps)
+
+    def split_noisy(self, x1: Tensor, parent: Tensor, gbar: Tensor, prob: float, max_t: float) -> NoisyBatch:
+        """`noisy`, with a share `prob` of the samples drawn as states of a sampler that split its
+        tokens at s ~ U(0, min(t, max_t)) (`vlt.objectives.schedule.split_path`); parent (B, K, C):
+        the fine tokens' parents' means at the coarse level the split came from."""
+        path = self.noisy(x1, gbar)
+        b = x1.shape[0]
+        chosen = torch.rand(b, device=x1.device) < prob  # (B,)
+        s = torch.rand(b, device=x1.device) * path.t.clamp(max=max_t) * chosen  # (B,) 0: no split
+        x_t, target = split_path(x1, parent, path.eps, path.t, s)
+        return NoisyBatch(x_t=x_t, t=path.t, eps=path.eps, target=target)
 
     @staticmethod
     def velocity_loss(v: Tensor, target: Tensor, sizes: Tensor) -> dict[str, Tensor]:

@@ -20,8 +20,19 @@ carry exactly the fine level's pooled noise, variance 1/m_l each, correlated as 
 merging the children back gives the parent exactly (the cuts are nested: Gbar_a^T Gamma_b Gbar_b^T =
 Gbar_a^T, and Gbar_a^T (I - P) = 0), so a split never moves the coarse state. Data: each child starts
 at its parent's cluster mean (a slot dropped at Ka, as in nested dropout, starts at 0, the mean of
-the normalised latents); the detail between children is left to the steps at Kb, which is what a
-DiT trained with `FlowSpec.split_prob` learns to fill in.
+the normalised latents); the detail between children is left to the steps at Kb.
+
+Training for splits (`FlowSpec.split_prob`, `split_path`). A plain rectified-flow velocity x1 - eps
+cannot bring that detail back: integrating it from a split at time s leaves the final sample short
+by s (x1 - Px1), the missing detail scaled by the split time. The velocity that does reach the data
+is the straight line from the current state to it, v = (x1 - x_t) / (1 - t), which equals x1 - eps on
+ordinary flow states. After a split at s and the straight line since, the state and that target are
+
+    x_t = t x1 + (1 - t) eps - c (x1 - Px1),   c = s (1 - t) / (1 - s),
+    v   = x1 - eps + s / (1 - s) (x1 - Px1),
+
+with Px1 the parents' means at the fine level; s = 0 is ordinary flow matching. A DiT trained on a
+share of such states (s drawn below t) learns to add the detail a split left out.
 """
 
 from __future__ import annotations
@@ -101,8 +112,16 @@ class KSchedule:
         return KSchedule(tuple(phases))
 
     def ks_per_step(self, grid: Sequence[float]) -> list[int]:
-        """K of each of the S steps of a time grid of S + 1 points."""
-        return [next(k for start, k in reversed(self.phases) if t >= start - _EPS) for t in grid[:-1]]
+        """K of each of the S steps of a time grid of S + 1 points. A phase that no step starts in is
+        skipped (the split goes straight to the next K), but the last one must get a step."""
+        ks = [next(k for start, k in reversed(self.phases) if t >= start - _EPS) for t in grid[:-1]]
+        if ks[-1] != self.final_k:
+            raise ValueError(
+                f"K schedule {self}: no step of the {len(ks)}-step grid starts at or after "
+                f"t={self.phases[-1][0]:g} (the last starts at t={grid[-2]:.3g}), so K={self.final_k} is "
+                "never reached: start the last phase earlier or sample with more steps"
+            )
+        return ks
 
 
 def split_tokens(x: Tensor, t: float, gamma_a: Tensor, gbar_b: Tensor, eps: Tensor) -> Tensor:
@@ -115,6 +134,19 @@ def split_tokens(x: Tensor, t: float, gamma_a: Tensor, gbar_b: Tensor, eps: Tens
     eps = eps.to(x)
     detail = eps - unmerge(merge(eps, gbar_a), gamma_a)  # (B, N, C): (I - P) eps
     return merge(unmerge(x, gamma_a) + (1.0 - t) * detail, gbar_b)  # (B, Kb, C)
+
+
+def split_path(x1: Tensor, parent: Tensor, eps: Tensor, t: Tensor, s: Tensor) -> tuple[Tensor, Tensor]:
+    """Training state x_t and velocity target (B, K, C) of a sampler that split its tokens at time s.
+
+    x1: (B, K, C) clean fine tokens; parent: (B, K, C) their parents' means at the fine level (Px1);
+    eps: (B, K, C) pooled noise; t, s: (B,) flow times with 0 <= s <= t < 1 (s = 0: no split).
+    See the module docstring for the derivation.
+    """
+    t, s = t[:, None, None].to(x1), s[:, None, None].to(x1)
+    detail = x1 - parent  # (B, K, C)
+    x_t = t * x1 + (1 - t) * eps - s * (1 - t) / (1 - s) * detail
+    return x_t, x1 - eps + s / (1 - s) * detail
 
 
 def draw_split_noise(

@@ -265,6 +265,10 @@ class LatentGenerator(nn.Module):
         run = dict(levels=levels, grid=grid, method=self.spec.sampler, guide=guide, generator=generator)
         x = self.flow.integrate(self.dit, y=y, step_ks=step_ks, stop=stop, **run)  # (B, Kd, C)
         kd, t = x.shape[1], grid[stop]
+        if getattr(decide, "k", kd) != kd:
+            raise ValueError(
+                f"the decision reads K={decide.k} tokens, but {schedule} is at K={kd} at t={t:.3g}"
+            )
         velocity = self.dit(x, torch.full((len(x),), t, device=device), y, levels[kd].gbar, levels[kd].sizes)
         ks = decide(self.denormalise(x + (1 - t) * velocity), labels).cpu().long()  # (B,)
         if not set(ks.tolist()) <= {k for k in self.ks if k >= kd}:
