@@ -20,7 +20,7 @@ from torch import Tensor, nn
 
 from vlt.models.merge_ops import merge
 from vlt.models.registry import register, register_model
-from vlt.nn.attention import Attention, size_bias
+from vlt.nn.attention import Attention, Kernel, size_bias
 from vlt.nn.mlp import SwiGLU
 from vlt.nn.modulation import AdaLN, LabelEmbedder, ScalarEmbedder, modulate
 
@@ -40,6 +40,8 @@ class DiTConfig:
         k_conditioning: add an embedding of K to the adaLN conditioning.
         freq_dim: sinusoidal feature width of the t (and K) embedders.
         pos_std: init std of the learned slot positions.
+        attention: the kernel of proportional attention (`vlt.nn.attention`): "sdpa" (a float mask,
+            only where token sizes differ) or "flex" (FlexAttention's score_mod; fused on GPU).
     """
 
     n_slots: int = 32
@@ -54,6 +56,7 @@ class DiTConfig:
     k_conditioning: bool = False
     freq_dim: int = 256
     pos_std: float = 0.02
+    attention: Kernel = "sdpa"
 
     @property
     def hidden(self) -> int:
@@ -72,7 +75,7 @@ class DiTBlock(nn.Module):
         super().__init__()
         d = cfg.width
         self.norm1 = nn.RMSNorm(d, elementwise_affine=False)
-        self.attn = Attention(d, cfg.heads, qk_norm=cfg.qk_norm)
+        self.attn = Attention(d, cfg.heads, qk_norm=cfg.qk_norm, kernel=cfg.attention)
         self.norm2 = nn.RMSNorm(d, elementwise_affine=False)
         self.mlp = SwiGLU(d, cfg.hidden)
         self.ada = AdaLN(d, 6)
@@ -222,7 +225,7 @@ class DiT(nn.Module):
         c = self.t_embed(t) + self.y_embed(y, force_drop_ids)  # (B, D)
         if self.k_embed is not None:
             c = c + self.k_embed(torch.full((b,), float(k), device=x.device))  # (B, D)
-        return h, c, size_bias(sizes)  # bias: (1 or B, 1, 1, K)
+        return h, c, size_bias(sizes)  # bias: (1 or B, 1, 1, K), None where all sizes are equal
 
     def flops(self, k: int) -> int:
         """Analytic forward FLOPs per image at K tokens (matmuls only, 2*m*n*k each).
