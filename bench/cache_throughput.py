@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import logging
 import os
 import sys
 import tempfile
@@ -88,7 +89,8 @@ def time_cache_tool(shards: str, tok: Path, out: Path, b: int, device: str, prec
         "accelerator": "gpu" if device == "cuda" else "cpu",
         "precision": "bf16-mixed" if precision == "bf16" else "32-true",
     }
-    os.environ["VLT_QUIET"] = "1"  # no progress lines or summary inside the table
+    os.environ["VLT_QUIET"] = "1"  # no progress lines or summary inside the table, nor Lightning's info
+    logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
     try:
         cache_latents(
             tokenizer=str(tok),
