@@ -90,11 +90,27 @@ train-tokenizer: $(STAMP) $(SYNTHETIC) $(PHOTOS) ## stage 1: train the tokenizer
 $(TOKENIZER):
 	$(MAKE) --no-print-directory train-tokenizer CONFIG= ARGS= LAUNCH=local
 
-$(LATENTS)/done-train-r0.json: $(TOKENIZER) $(SYNTHETIC) | $(STAMP)
-	$(BIN)/vlt cache-latents --tokenizer $(TOKENIZER) --shards 'data/synthetic/shards/train-*.tar' --out $(LATENTS) --split train --overwrite true
-	$(BIN)/vlt cache-latents --tokenizer $(TOKENIZER) --shards 'data/synthetic/shards/val-*.tar' --out $(LATENTS) --split val --overwrite true
+#: SHARDS     image shard folder that cache-latents encodes (its train-*.tar and val-*.tar)
+SHARDS ?= data/synthetic/shards
+# The embedded shards are built on demand; other SHARDS must exist.
+SHARDS_BUILT := $(if $(filter data/synthetic/shards,$(SHARDS)),$(SYNTHETIC))
+#: CACHE_ARGS extra options of cache-latents, e.g. CACHE_ARGS="--batch-size 512 --devices 8"
+CACHE_ARGS ?=
+# $(call cache_split,SPLIT,OUT,EXTRA): one split through `vlt cache-latents` (resumes a killed run).
+cache_split = cache-latents --tokenizer $(TOKENIZER) --shards '$(SHARDS)/$(1)-*.tar' --out $(2) --split $(1) \
+	--overwrite true $(3) $(CACHE_ARGS)
 
-cache-latents: $(LATENTS)/done-train-r0.json ## encode the synthetic shards with TOKENIZER into LATENTS (if stale)
+$(LATENTS)/done-train-r0.json: $(TOKENIZER) $(SHARDS_BUILT) | $(STAMP)
+	$(BIN)/vlt $(call cache_split,train,$(LATENTS))
+	$(BIN)/vlt $(call cache_split,val,$(LATENTS))
+
+ifeq ($(LAUNCH),slurm)
+cache-latents: $(STAMP) $(SHARDS_BUILT) $(TOKENIZER)
+	$(SUBMIT) $(call cache_split,train,$(LATENTS))
+	$(SUBMIT) $(call cache_split,val,$(LATENTS))
+else
+cache-latents: $(LATENTS)/done-train-r0.json ## encode SHARDS with TOKENIZER into LATENTS (if stale; LAUNCH=slurm: a job per split, a task per GPU)
+endif
 
 train-dit: $(STAMP) $(FEATURES) $(LATENTS)/done-train-r0.json ## stage 2: train the DiT on cached latents (CONFIG=conf/dit/tiny.yaml)
 	$(call launch,fit -c $(or $(CONFIG),conf/dit/tiny.yaml) --latents=$(LATENTS) --model.init_args.tokenizer=$(TOKENIZER))
@@ -110,9 +126,9 @@ export: $(STAMP) $(DIT) ## export DIT as safetensors folders (generator/ + token
 	$(BIN)/vlt export $(DIT) $(or $(EXPORT),exports/$(notdir $(patsubst %/checkpoints/,%,$(dir $(DIT)))))
 
 # Content-adaptive K (vlt's extension): PSNR curves per image in the cache, then K_i at a mean budget.
-$(ADAPTIVE)/done-train-r0.json: $(TOKENIZER) $(SYNTHETIC) | $(STAMP)
-	$(BIN)/vlt cache-latents --tokenizer $(TOKENIZER) --shards 'data/synthetic/shards/train-*.tar' --out $(ADAPTIVE) --split train --overwrite true --distortion true
-	$(BIN)/vlt cache-latents --tokenizer $(TOKENIZER) --shards 'data/synthetic/shards/val-*.tar' --out $(ADAPTIVE) --split val --overwrite true --distortion true
+$(ADAPTIVE)/done-train-r0.json: $(TOKENIZER) $(SHARDS_BUILT) | $(STAMP)
+	$(BIN)/vlt $(call cache_split,train,$(ADAPTIVE),--distortion true)
+	$(BIN)/vlt $(call cache_split,val,$(ADAPTIVE),--distortion true)
 
 allocate: $(ADAPTIVE)/done-train-r0.json ## per-image K_i at mean budget BUDGET over ADAPTIVE (vlt allocate; ARGS for rule/cost)
 	$(BIN)/vlt allocate --cache $(ADAPTIVE) --budget $(BUDGET) --distortion $(DISTORTION) $(ARGS)

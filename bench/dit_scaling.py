@@ -17,19 +17,43 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 import statistics
 import time
 
 import torch
 
+from vlt.models.dit import DiTBlock
 from vlt.models.merge_ops import merge
 from vlt.models.pattern import MergePattern
 from vlt.models.registry import create
+from vlt.nn.compile import compile_blocks
 from vlt.objectives.flow import RectifiedFlow
+
+# Dense bf16 peak (tensor cores, no sparsity) in TFLOP/s by a name `torch.cuda.get_device_name()` contains;
+# the first match wins (H200 before H100: "H100" is not in "H200", but keep the order specific first).
+PEAK_BF16_TFLOPS = {"H200": 989.0, "H100": 989.0, "GH200": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 70.0}
+PEAK_ENV = "VLT_PEAK_TFLOPS"
 
 # Per-preset (train batch, sampling batch); override with --batch/--sample_batch. Small batches make
 # the tiny model's time per-op overhead and AdamW's fixed cost, not FLOPs, so tiny needs a large one.
 BATCHES = {"tiny": (256, 256), "s": (8, 16), "b": (4, 8), "l": (2, 4), "xl": (2, 4)}
+
+
+def peak_tflops(device: str, override: float | None = None) -> tuple[float | None, str]:
+    """The device's dense bf16 peak in TFLOP/s and where it came from: --peak_tflops, the
+    VLT_PEAK_TFLOPS environment variable, the table above by the CUDA device's name, else None."""
+    if override:
+        return override, "--peak_tflops"
+    if os.environ.get(PEAK_ENV):
+        return float(os.environ[PEAK_ENV]), PEAK_ENV
+    if device != "cuda":
+        return None, "no peak for CPUs"
+    name = torch.cuda.get_device_name()
+    for key, value in PEAK_BF16_TFLOPS.items():
+        if key in name:
+            return value, f"table: {name}"
+    return None, f"{name} is not in the table: set {PEAK_ENV}"
 
 
 def autocast(device: str, dtype: str):
@@ -53,7 +77,9 @@ def timed(fn, device: str) -> float:
 
 def bench_preset(name: str, args: argparse.Namespace) -> None:
     torch.manual_seed(0)
-    model = create("dit", name).to(args.device)
+    model = create("dit", name, attention=args.attention).to(args.device)
+    if args.compile:
+        compile_blocks(model, (DiTBlock,))
     cfg, flow = model.cfg, RectifiedFlow()
     n, c = cfg.n_slots, cfg.channels
     ks = [n // 8, n // 4, n // 2, n]
@@ -103,9 +129,12 @@ def report(name, model, ks, batch, sample_batch, step_t, samp_t, args) -> None:
     ips = {k: sample_batch / statistics.median(v) for k, v in samp_t.items()}
     params = sum(p.numel() for p in model.parameters()) / 1e6
     head = f"DiT-{name}: N={n}, C={model.cfg.channels}, {params:.1f}M params, {args.device} {args.dtype}"
+    head += f", {model.cfg.attention} attention" + (", compiled" if args.compile else "")
     print(f"\n### {head} ({torch.get_num_threads()} threads)")
     print(f"train batch {batch}, sampling batch {sample_batch} x {args.sample_steps} Euler steps, medians\n")
-    mfu = args.device == "cuda"
+    peak, source = peak_tflops(args.device, args.peak_tflops)
+    mfu = peak is not None
+    print(f"MFU against a dense bf16 peak of {peak} TFLOP/s ({source})" if mfu else f"no MFU: {source}")
     head = "| K | FLOPs/img (G) | FLOPs ratio | step (ms) | step ratio | step/FLOPs ratio | sample img/s |"
     print(head + (" train MFU | sample MFU |" if mfu else ""))
     print("|---" * (9 if mfu else 7) + "|")
@@ -117,9 +146,8 @@ def report(name, model, ks, batch, sample_batch, step_t, samp_t, args) -> None:
         )
         row += f"| {ips[k]:.3g} |"
         if mfu:
-            peak = args.peak_tflops * 1e12
-            train_mfu = 3 * model.flops(k) * batch / step[k] / peak  # backward ~ 2x forward
-            samp_mfu = model.flops(k) * args.sample_steps * ips[k] / peak
+            train_mfu = 3 * model.flops(k) * batch / step[k] / (peak * 1e12)  # backward ~ 2x forward
+            samp_mfu = model.flops(k) * args.sample_steps * ips[k] / (peak * 1e12)
             row += f" {100 * train_mfu:.1f}% | {100 * samp_mfu:.1f}% |"
         print(row)
     worst = max(step[k] / step[n] / (model.flops(k) / model.flops(n)) for k in ks)
@@ -140,8 +168,17 @@ def main() -> None:
     p.add_argument("--sample_steps", type=int, default=25)
     p.add_argument("--repeats", type=int, default=5, help="timed training steps per K")
     p.add_argument("--sample_repeats", type=int, default=1, help="timed sampling runs per K")
+    p.add_argument(
+        "--attention", choices=["sdpa", "flex"], default="sdpa", help="proportional-attention kernel"
+    )
+    p.add_argument("--compile", action="store_true", help="torch.compile each DiT block (warm-up compiles)")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
-    p.add_argument("--peak_tflops", type=float, default=989.0, help="dense bf16 peak (H200: 989)")
+    p.add_argument(
+        "--peak_tflops",
+        type=float,
+        default=None,
+        help=f"dense bf16 peak (default: {PEAK_ENV}, else by GPU name)",
+    )
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)

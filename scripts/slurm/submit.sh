@@ -12,9 +12,9 @@
 # Lightning subcommands (fit/validate/test/predict) get conf/trainer/slurm.yaml (slurm_cpu.yaml when
 # GPUS=0) right after the stage config, then --trainer.num_nodes/--trainer.devices matching the job.
 # Their logs go to the run directory (runs/<name>/slurm-<jobid>.out); for fit the stale-run check runs
-# here first, so a job that would be refused is never queued. `vlt sample` also runs one task per device
-# (its predict loop) with --num_nodes/--devices/--accelerator matching the job; other tools run one task
-# per node with logs in runs/slurm/. Prints the job id and the run directory.
+# here first, so a job that would be refused is never queued. `vlt sample` and `vlt cache-latents` also run
+# one task per device (their predict loops) with --num_nodes/--devices/--accelerator matching the job;
+# other tools run one task per node with logs in runs/slurm/. Prints the job id and the run directory.
 set -euo pipefail
 
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -68,17 +68,17 @@ print(c.get("ckpt_path") or "")')"
     name="vlt-$(basename "$run_dir")"
     opts+=(--ntasks-per-node="$TASKS")
     ;;
-  sample)
-    # One task per device like fit: `vlt sample` runs Lightning's predict loop, which reads its rank from
+  sample|cache-latents)
+    # One task per device like fit: these tools run Lightning's predict loop, which reads its rank from
     # srun; the options that must match the allocation come last (Lightning refuses a mismatch).
     accel=gpu; [ "$GPUS" -gt 0 ] || accel=cpu
-    args=(sample "$@" "--num_nodes=$NODES" "--devices=$TASKS" "--accelerator=$accel")
+    args=("$sub" "$@" "--num_nodes=$NODES" "--devices=$TASKS" "--accelerator=$accel")
     run_dir="runs/slurm"
-    name="vlt-sample"
+    name="vlt-$sub"
     opts+=(--ntasks-per-node="$TASKS")
     ;;
   *)
-    # vlt's own tools (data, cache-latents, sample, curves): one task per node, logs under runs/slurm/.
+    # vlt's other tools (data, curves, ...): one task per node, logs under runs/slurm/.
     args=("$sub" "$@")
     run_dir="runs/slurm"
     name="vlt-$sub"

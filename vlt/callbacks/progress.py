@@ -105,9 +105,11 @@ class PredictLines(pl.Callback):
 
     @rank_zero_only
     def on_predict_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        total = int(sum(trainer.num_predict_batches))
+        counted = sum(trainer.num_predict_batches)  # inf for a loader without a length (a stream)
+        total = int(counted) if math.isfinite(counted) else None
         self._lines, self._done = StatusLines(f"{self.name}: batch", total, every=self.every), 0
-        print(f"{self.name}: {total} batches to make on rank 0 of {trainer.world_size}", flush=True)
+        what = f"{total} batches" if total is not None else "batches"
+        print(f"{self.name}: {what} to make on rank 0 of {trainer.world_size}", flush=True)
 
     @rank_zero_only
     def on_predict_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:

@@ -3,20 +3,32 @@
 Letters: S cached samples of a split, N slots, C channels, G levels of the merge grid.
 
     <root>/pattern.json                the tokenizer's global pattern (absent for per-image ToMe)
-    <root>/<split>-r<rank>-<n>.tar     webdataset shards: latent.npy (N, C) float32, cls, json meta,
-                                       latent_flip.npy (N, C): the latent of the flipped image (optional)
+    <root>/<split>-r<rank>-<u>.tar     webdataset shards: latent.npy (N, C) float32, cls, json meta,
+                                       latent_flip.npy (N, C): the latent of the flipped image (optional);
+                                       one per image shard u, made by rank <rank>
+    <root>/units-<split>/run.json      the settings that decide the latents (a resumed run must match)
+    <root>/units-<split>/u<u>.json     the record of a finished unit (its shard, samples, channel sums)
+    <root>/units-<split>/u<u>.npz      its rows of the PSNR curves (content-adaptive K)
+    <root>/index-<split>.json          every unit of the split: image shard, latent shard, samples
     <root>/stats-<split>-r<rank>.json  partial channel sums (float64), combined over ranks on read
-    <root>/done-<split>-r<rank>.json   completion record of one rank (samples, skipped, world size)
+    <root>/done-<split>-r<rank>.json   completion record of one rank's share (samples, skipped, world size)
     <root>/curves-<split>-r<rank>.npz  per-image PSNR curves over the grid (content-adaptive K)
     <root>/allocation.json, k-<split>.npz   a per-image K allocation (`vlt allocate`)
 
 Full N-slot latents are cached, never merged ones: the DiT merges on the fly for any K. Every
 writer and reader of these files goes through `LatentCache`.
+
+Resuming: a unit (one image shard) is finished when its record exists and names a shard that exists.
+Shards and records are written under temporary names and renamed, the shard first, so a killed job
+leaves either a finished unit or files a restart deletes (`begin_unit`), never a half shard that a
+reader would trust. The per-rank statistics, curves and completion records are written from the unit
+records at the end, for the share of each rank (unit u belongs to rank u % world size).
 """
 
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -24,6 +36,7 @@ import numpy as np
 import torch
 
 from vlt.models.pattern import MergePattern
+from vlt.paths import replace_with
 
 ALLOCATION = "allocation.json"
 
@@ -66,7 +79,8 @@ class LatentCache:
     # --- the pattern ---
     def save_pattern(self, pattern: MergePattern) -> Path:
         self.root.mkdir(parents=True, exist_ok=True)
-        return pattern.save(self.root / "pattern.json")
+        text = json.dumps(pattern.to_dict()).encode()  # every split's job writes the same file: whole only
+        return replace_with(self.root / "pattern.json", lambda f: f.write(text))
 
     def has_pattern(self) -> bool:
         return (self.root / "pattern.json").is_file()
@@ -81,30 +95,114 @@ class LatentCache:
             )
         return MergePattern.load(self.root / "pattern.json")
 
-    # --- writing one rank's part of a split ---
-    def start(self, split: str, rank: int, *, overwrite: bool) -> None:
-        """Refuse to replace a finished split unless asked; remove this rank's partial files."""
-        done = self._file("done", split, rank)
-        if done.exists() and not overwrite:
-            raise FileExistsError(
-                f"{done} exists: the {split} cache in {self.root} is finished; pass --overwrite true "
-                "to rebuild it or choose another --out"
+    # --- writing a split one unit (image shard) at a time, resumably ---
+    def _units(self, split: str) -> Path:
+        return self.root / f"units-{split}"
+
+    def _unit_file(self, split: str, unit: int, suffix: str = "json") -> Path:
+        return self._units(split) / f"u{unit:06d}.{suffix}"
+
+    def unit_shard(self, split: str, rank: int, unit: int) -> Path:
+        """The latent shard of unit `unit` (image shard number `unit`) as rank `rank` writes it."""
+        return self.root / f"{split}-r{rank:02d}-{unit:06d}.tar"
+
+    def check_run(self, split: str, settings: dict[str, Any], *, overwrite: bool) -> bool:
+        """True: resume the split's finished units; False: start the split over; an error: stop.
+
+        A finished split is refused and unfinished units made with other settings are not mixed in,
+        unless `overwrite`. Read-only, so every rank can ask and reaches the same verdict."""
+        done = self.root / f"done-{split}-r0.json"
+        if self.is_finished(split):
+            if not overwrite:
+                raise FileExistsError(
+                    f"{done} exists: the {split} cache in {self.root} is finished; pass --overwrite true "
+                    "to rebuild it or choose another --out"
+                )
+            return False
+        record = self._units(split) / "run.json"
+        old = json.loads(record.read_text()) if record.is_file() else None
+        if old is None or old == settings:
+            return old is not None
+        if not overwrite:
+            changed = sorted(k for k in {*old, *settings} if old.get(k) != settings.get(k))
+            raise ValueError(
+                f"{self._units(split)} holds units of an unfinished run with other settings "
+                f"({', '.join(changed)} differ): resume with the same tokenizer, shards, flip, distortion "
+                "and precision, pass --overwrite true to start the split over, or choose another --out"
             )
+        return False
+
+    def prepare(self, split: str, settings: dict[str, Any], *, resume: bool) -> None:
+        """Before any unit is made (one process): start the split over unless `resume`; either way
+        remove the end-of-run records and temporary files of an earlier run, and record the settings."""
         self.root.mkdir(parents=True, exist_ok=True)
-        stale = [*self.root.glob(f"{split}-r{rank:02d}-*.tar"), self._file("curves", split, rank, "npz")]
-        for path in (*stale, done):
+        if not resume:
+            for path in self.shard_files(split):
+                path.unlink()
+            shutil.rmtree(self._units(split), ignore_errors=True)
+        ends = [
+            f"{kind}-{split}-r*.{ext}"
+            for kind, ext in (("done", "json"), ("stats", "json"), ("curves", "npz"))
+        ]
+        stale = [path for pattern in ends for path in self.root.glob(pattern)]
+        stale += [self.root / f"index-{split}.json", *self.root.glob(f".{split}-r*.tmp*")]
+        for path in stale:
             path.unlink(missing_ok=True)
+        self._units(split).mkdir(exist_ok=True)
+        for path in self._units(split).glob(".*.tmp*"):
+            path.unlink()
+        text = json.dumps(settings, indent=2).encode()
+        replace_with(self._units(split) / "run.json", lambda f: f.write(text))
+
+    def unit_done(self, split: str, unit: int) -> bool:
+        """The unit's record exists and names a shard that exists (or none: no sample decoded)."""
+        record = self._unit_file(split, unit)
+        if not record.is_file():
+            return False
+        shard = json.loads(record.read_text())["shard"]
+        return shard is None or (self.root / shard).is_file()
+
+    def begin_unit(self, split: str, unit: int) -> None:
+        """Remove what an earlier, unfinished attempt at this unit left (a shard of any rank, a record)."""
+        for path in [
+            *self.root.glob(f"{split}-r*-{unit:06d}.tar"),
+            *self.root.glob(f".{split}-r*-{unit:06d}.tar.tmp*"),
+        ]:
+            path.unlink(missing_ok=True)
+        self._unit_file(split, unit).unlink(missing_ok=True)
+
+    def finish_unit(self, split: str, unit: int, record: dict[str, Any], curves: Curves | None) -> None:
+        """A unit's curve rows, then its record (last: the record is what makes the unit finished).
+        The writer has already renamed the unit's shard (`record["shard"]`) into place."""
+        if curves is not None:
+            replace_with(self._unit_file(split, unit, "npz"), lambda f: _save_curves(f, curves))
+        text = json.dumps(record).encode()
+        replace_with(self._unit_file(split, unit), lambda f: f.write(text))
+
+    def unit_records(self, split: str) -> dict[int, dict[str, Any]]:
+        """{unit: record} of every finished unit of the split."""
+        files = sorted(self._units(split).glob("u*.json"))
+        return {int(p.stem[1:]): json.loads(p.read_text()) for p in files}
+
+    def unit_curves(self, split: str, unit: int) -> Curves:
+        with np.load(self._unit_file(split, unit, "npz")) as data:
+            return _curves_from(dict(data))
+
+    def write_index(self, split: str, index: list[dict[str, Any]]) -> Path:
+        """index-<split>.json: one entry per unit (image shard, latent shard, samples, skipped)."""
+        text = json.dumps({"split": split, "units": index}, indent=1).encode()
+        return replace_with(self.root / f"index-{split}.json", lambda f: f.write(text))
 
     def write_stats(
         self, split: str, rank: int, count: int, total: torch.Tensor, total_sq: torch.Tensor
     ) -> None:
         """Partial sums over this rank's latents: count values per channel, sum and sum of squares (C,)."""
         stats = {"count": int(count), "sum": total.double().tolist(), "sum_sq": total_sq.double().tolist()}
-        self._file("stats", split, rank).write_text(json.dumps(stats))
+        replace_with(self._file("stats", split, rank), lambda f: f.write(json.dumps(stats).encode()))
 
     def finish(self, split: str, rank: int, meta: dict[str, Any]) -> None:
         """The completion record, written last: a split is finished when every rank wrote one."""
-        self._file("done", split, rank).write_text(json.dumps(meta))
+        replace_with(self._file("done", split, rank), lambda f: f.write(json.dumps(meta).encode()))
 
     # --- reading ---
     def is_finished(self, split: str) -> bool:
@@ -144,17 +242,7 @@ class LatentCache:
     # --- distortion curves ---
     def save_curves(self, split: str, rank: int, curves: Curves) -> Path:
         """One rank's sidecar npz (keys, psnr, label, complexity, png_bytes, grid)."""
-        path = self._file("curves", split, rank, "npz")
-        np.savez(
-            path,
-            keys=np.asarray(curves.keys, dtype=str),
-            psnr=np.asarray(curves.psnr, dtype=np.float32).reshape(len(curves.keys), len(curves.grid)),
-            label=np.asarray(curves.label, dtype=np.int64),
-            complexity=np.asarray(curves.complexity, dtype=np.int64),
-            png_bytes=np.asarray(curves.png_bytes, dtype=np.int64),
-            grid=np.asarray(curves.grid, dtype=np.int64),
-        )
-        return path
+        return replace_with(self._file("curves", split, rank, "npz"), lambda f: _save_curves(f, curves))
 
     def curves(self, split: str) -> Curves:
         """All ranks' curve sidecars of a split; a clear error naming the command when there are none."""
@@ -165,24 +253,14 @@ class LatentCache:
                 f"`vlt cache-latents --split {split} --out {self.root} --distortion true ...` "
                 "(the tokenizer must have a global pattern)"
             )
-        parts = [dict(np.load(f)) for f in files]
-        grids = {tuple(p["grid"].tolist()) for p in parts}
-        if len(grids) != 1:
-            raise ValueError(
-                f"curve sidecars of {split!r} in {self.root} disagree on the grid: {sorted(grids)}"
-            )
-        cat = {
-            name: np.concatenate([p[name] for p in parts])
-            for name in ("psnr", "label", "complexity", "png_bytes")
-        }
-        return Curves(
-            keys=[str(k) for p in parts for k in p["keys"].tolist()],
-            psnr=cat["psnr"].astype(np.float32),
-            label=cat["label"].astype(np.int64),
-            complexity=cat["complexity"].astype(np.int64),
-            png_bytes=cat["png_bytes"].astype(np.int64),
-            grid=list(grids.pop()),
-        )
+        parts = []
+        for file in files:
+            with np.load(file) as data:
+                parts.append(_curves_from(dict(data)))
+        try:
+            return join_curves(parts)
+        except ValueError as exc:
+            raise ValueError(f"curve sidecars of {split!r} in {self.root}: {exc}") from None
 
     # --- allocation ---
     def save_allocation(self, meta: dict[str, Any], ks: dict[str, tuple[list[str], np.ndarray]]) -> Path:
@@ -195,6 +273,44 @@ class LatentCache:
         path = self.root / ALLOCATION
         path.write_text(json.dumps(meta, indent=2))
         return path
+
+
+def _save_curves(f, curves: Curves) -> None:
+    """One npz of curve rows (keys, psnr, label, complexity, png_bytes, grid) into an open file."""
+    np.savez(
+        f,
+        keys=np.asarray(curves.keys, dtype=str),
+        psnr=np.asarray(curves.psnr, dtype=np.float32).reshape(len(curves.keys), len(curves.grid)),
+        label=np.asarray(curves.label, dtype=np.int64),
+        complexity=np.asarray(curves.complexity, dtype=np.int64),
+        png_bytes=np.asarray(curves.png_bytes, dtype=np.int64),
+        grid=np.asarray(curves.grid, dtype=np.int64),
+    )
+
+
+def _curves_from(data: dict[str, np.ndarray]) -> Curves:
+    return Curves(
+        keys=[str(k) for k in data["keys"].tolist()],
+        psnr=data["psnr"].astype(np.float32).reshape(len(data["keys"]), len(data["grid"])),
+        label=data["label"].astype(np.int64),
+        complexity=data["complexity"].astype(np.int64),
+        png_bytes=data["png_bytes"].astype(np.int64),
+        grid=[int(k) for k in data["grid"].tolist()],
+    )
+
+
+def join_curves(parts: list[Curves]) -> Curves:
+    """Curve rows of several parts in order; they must share one grid (a ValueError otherwise)."""
+    grids = {tuple(p.grid) for p in parts}
+    if len(grids) != 1:
+        raise ValueError(f"the parts disagree on the grid: {sorted(grids)}")
+    grid = list(grids.pop())
+    cat = {
+        name: np.concatenate([getattr(p, name) for p in parts])
+        for name in ("label", "complexity", "png_bytes")
+    }
+    psnr = np.concatenate([p.psnr.reshape(len(p.keys), len(grid)) for p in parts]).astype(np.float32)
+    return Curves(keys=[k for p in parts for k in p.keys], psnr=psnr, grid=grid, **cat)
 
 
 def load_allocation(path: str | Path) -> dict[str, Any]:

@@ -13,10 +13,11 @@ number of processes skips every finished part. No torch, no Lightning.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import numpy as np
+
+from vlt.paths import replace_with
 
 
 def batches(count: int, batch_size: int) -> int:
@@ -63,12 +64,12 @@ class SampleParts:
                 )
             return
         # Every rank writes the same content; the rename makes each write whole.
-        _replace_with(record, lambda f: f.write(json.dumps(self.settings, indent=2).encode()))
+        replace_with(record, lambda f: f.write(json.dumps(self.settings, indent=2).encode()))
 
     def write(self, k: int, batch: int, images: np.ndarray, labels: np.ndarray, index: np.ndarray) -> Path:
         """One finished batch, written to a temporary file and renamed: a killed job leaves no half part."""
         path = self.name(k, batch)
-        _replace_with(path, lambda f: np.savez(f, images=images, labels=labels, index=index))
+        replace_with(path, lambda f: np.savez(f, images=images, labels=labels, index=index))
         return path
 
     def collect(self, k: int, count: int, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
@@ -99,13 +100,5 @@ class SampleParts:
 
 def save_adm_npz(path: Path, images: np.ndarray, labels: np.ndarray) -> Path:
     """The ADM layout external FID evaluators read: arr_0 uint8 (N, H, W, 3), arr_1 labels (N,)."""
-    _replace_with(path, lambda f: np.savez(f, images, labels))
+    replace_with(path, lambda f: np.savez(f, images, labels))
     return path
-
-
-def _replace_with(path: Path, write) -> None:
-    """Write `path` through a temporary file in the same folder and an atomic rename."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
-        write(f)
-    os.replace(tmp, path)

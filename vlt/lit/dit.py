@@ -29,9 +29,10 @@ from torch import Tensor, nn
 from torchmetrics import MeanMetric
 
 from vlt.data.cache import LatentCache, load_allocation
-from vlt.models.dit import DiTConfig
+from vlt.models.dit import DiTBlock, DiTConfig
 from vlt.models.pattern import PatternKind
 from vlt.models.tokenizer import TokenizerConfig
+from vlt.nn.compile import compile_blocks
 from vlt.nn.lora import lora_parameters
 from vlt.objectives.flow import FlowSpec
 from vlt.specs import LoRASpec, OptimSpec, param_groups
@@ -89,6 +90,8 @@ class LitDiT(L.LightningModule):
         prior_grid: the allocation's K grid (filled from `allocation`).
         lora: train only the adapters of one K on a frozen base DiT (`LoRASpec`; the paper's "a DiT
             per K"): every step runs at `lora.k`, the base weights come from `lora.base` at fit start.
+        compile: torch.compile each DiT block (`vlt.nn.compile`; for GPUs: the first steps wait for the
+            compiler, and a new K shape compiles again once).
     """
 
     def __init__(
@@ -107,6 +110,7 @@ class LitDiT(L.LightningModule):
         allocation: str | None = None,
         prior_grid: list[int] | None = None,
         lora: LoRASpec | None = None,
+        compile: bool = False,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(init_args(locals()))
@@ -187,6 +191,11 @@ class LitDiT(L.LightningModule):
         """A new fit reads its sources; a resumed one (ckpt_path) restores everything after this hook."""
         if stage == "fit" and not self.trainer.ckpt_path:
             self.load_sources()
+
+    def configure_model(self) -> None:
+        """With `compile`, compile the DiT's blocks in place (after the sources are loaded)."""
+        if self.hparams.compile:
+            compile_blocks(self.generator.dit, (DiTBlock,))
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["vlt_stage"] = "dit"

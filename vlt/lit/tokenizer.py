@@ -22,6 +22,8 @@ from torchmetrics import MeanMetric
 from vlt.models.merging import Merger, MergeResult
 from vlt.models.pattern import MergePattern
 from vlt.models.tokenizer import Tokenizer, TokenizerConfig
+from vlt.nn.compile import compile_blocks
+from vlt.nn.vit import Block
 from vlt.objectives.recon import ReconLoss, psnr
 from vlt.specs import LossSpec, MergeSpec, OptimSpec, param_groups
 from vlt.stages.tokenizer import VariableLengthTokenizer
@@ -37,6 +39,8 @@ class LitTokenizer(L.LightningModule):
         loss: loss weights (`LossSpec`).
         optim: optimizer and schedule (`OptimSpec`).
         val_ks: the K values evaluated in validation (default: the grid plus N).
+        compile: torch.compile each encoder and decoder block (`vlt.nn.compile`; for GPUs: the first
+            steps wait for the compiler).
     """
 
     def __init__(
@@ -47,10 +51,12 @@ class LitTokenizer(L.LightningModule):
         loss: LossSpec = LossSpec(),  # noqa: B008
         optim: OptimSpec = OptimSpec(),  # noqa: B008
         val_ks: list[int] | None = None,
+        compile: bool = False,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(
             {"tokenizer": tokenizer, "merge": merge, "loss": loss, "optim": optim, "val_ks": val_ks}
+            | {"compile": compile}
         )
         self.tokenizer = Tokenizer(tokenizer)
         self.merger = Merger(n_slots=tokenizer.n_slots, channels=tokenizer.channels, **merge.merger_kwargs())
@@ -116,6 +122,11 @@ class LitTokenizer(L.LightningModule):
         self.log_dict({f"train/{name}": value for name, value in parts.items()}, prog_bar=False)
         self.log("train/k", float(k))
         return parts["loss"]
+
+    def configure_model(self) -> None:
+        """With `compile`, compile the encoder and decoder blocks in place."""
+        if self.hparams.compile:
+            compile_blocks(self.tokenizer, (Block,))
 
     def configure_optimizers(self) -> dict:
         groups = param_groups(self, self.optim_spec.weight_decay)

@@ -20,7 +20,7 @@ from torch import Tensor, nn
 
 from vlt.models.merge_ops import merge
 from vlt.models.registry import register, register_model
-from vlt.nn.attention import Attention, size_bias
+from vlt.nn.attention import Attention, Kernel, size_bias
 from vlt.nn.lora import add_lora
 from vlt.nn.mlp import SwiGLU
 from vlt.nn.modulation import AdaLN, LabelEmbedder, ScalarEmbedder, modulate
@@ -51,6 +51,8 @@ class DiTConfig:
         lora_ks: K values with a low-rank adapter on every block's attention and SwiGLU linears
             (`vlt.nn.lora`; the paper's "a DiT per K"); None: no adapters.
         lora_rank, lora_alpha: adapter rank R and scale numerator (update scale alpha / R).
+        attention: the kernel of proportional attention (`vlt.nn.attention`): "sdpa" (a float mask,
+            only where token sizes differ) or "flex" (FlexAttention's score_mod; fused on GPU).
     """
 
     n_slots: int = 32
@@ -70,6 +72,7 @@ class DiTConfig:
     lora_ks: list[int] | None = None
     lora_rank: int = 32
     lora_alpha: float = 32.0
+    attention: Kernel = "sdpa"
 
     @property
     def hidden(self) -> int:
@@ -88,7 +91,7 @@ class DiTBlock(nn.Module):
         super().__init__()
         d = cfg.width
         self.norm1 = nn.RMSNorm(d, elementwise_affine=cfg.norm_affine)
-        self.attn = Attention(d, cfg.heads, qk_norm=cfg.qk_norm)
+        self.attn = Attention(d, cfg.heads, qk_norm=cfg.qk_norm, kernel=cfg.attention)
         self.norm2 = nn.RMSNorm(d, elementwise_affine=cfg.norm_affine)
         self.mlp = SwiGLU(d, cfg.hidden)
         self.ada = AdaLN(d, 6)
@@ -240,7 +243,7 @@ class DiT(nn.Module):
         c = self.t_embed(t) + self.y_embed(y, force_drop_ids)  # (B, D)
         if self.k_embed is not None:
             c = c + self.k_embed(torch.full((b,), float(k), device=x.device))  # (B, D)
-        return h, c, size_bias(sizes)  # bias: (1 or B, 1, 1, K)
+        return h, c, size_bias(sizes)  # bias: (1 or B, 1, 1, K), None where all sizes are equal
 
     def flops(self, k: int) -> int:
         """Analytic forward FLOPs per image at K tokens (matmuls only, 2*m*n*k each).

@@ -6,145 +6,44 @@
 Letters: B batch, N slots, C channels, G levels of the merge grid.
 
 The tokenizer is a stage-1 checkpoint, a stage-2/3 checkpoint (its tokenizer) or an export folder.
-The cache (`vlt.data.cache.LatentCache`) gets the tokenizer's global pattern, latent shards (with the
-latent of each horizontally flipped image beside the original unless `flip=False`), per-rank channel
-sums and a completion record. With a global pattern and `distortion=True` (the default)
-every image is also reconstructed at every K of the grid: its PSNR curve and PNG size go into the
-sample's json meta and a curves sidecar for `vlt allocate`.
+The cache (`vlt.data.cache.LatentCache`) gets the tokenizer's global pattern, one latent shard per image
+shard (with the latent of each horizontally flipped image beside the original unless `flip=False`),
+channel statistics, an index and per-rank completion records. With a global pattern and
+`distortion=True` (the default) every image is also reconstructed at every K of the grid: its PSNR
+curve and PNG size go into the sample's json meta and a curves sidecar for `vlt allocate`.
 
-Under torchrun/srun each rank reads its exactly-once share of the shards (the validation pipeline
-of `WebDataModule`) and writes its own files; statistics combine on read, so no process group is
-needed. The rank comes from Slurm's or torchrun's variables (`_rank_world`), and a job run again after
-some ranks finished (same world size) redoes only the others.
+Encoding runs on Lightning's predict loop (`vlt.lit.cacher`): `--accelerator/--devices/--num-nodes` as
+for a Trainer (several devices run DDP; `srun` processes under Slurm are picked up by Lightning),
+`--precision bf16-mixed` encodes under bf16 autocast (the default on a GPU). Image shard u is rank
+u % world's; each finished one is a renamed latent shard plus a record, so a killed or requeued job run
+again (on any number of processes) encodes only the image shards without a record.
 """
 
 from __future__ import annotations
 
-import contextlib
-import json
-import os
+import hashlib
 import time
-from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
-import webdataset as wds
-from torch import Tensor
 
 from vlt import console
-from vlt.adaptive.distortion import png_size, psnr_curves
-from vlt.data.cache import Curves, LatentCache
-from vlt.data.datamodule import WebDataModule
-from vlt.data.labels import check_labels, data_classes
-from vlt.data.transforms import to_uint8
+from vlt.data.cache import Curves, LatentCache, join_curves
+from vlt.data.labels import data_classes
+from vlt.data.shards import resolve_shards, shard_info
 from vlt.paths import check_name
 from vlt.stages import VariableLengthTokenizer, load
-from vlt.types import ImageBatch
+from vlt.tools.predicting import default_precision, predict_trainer
 
 
-def _rank_world() -> tuple[int, int]:
-    """This process's global rank and the world size, found the way Lightning's Trainer finds them: a
-    Slurm job step's SLURM_PROCID/SLURM_NTASKS (so `srun` over several nodes works), torchrun's
-    RANK/WORLD_SIZE, else 0 of 1 (`_rank_env` hands a Slurm rank to webdataset, which reads only
-    RANK/WORLD_SIZE)."""
-    from lightning.fabric.plugins.environments import SLURMEnvironment
-
-    if SLURMEnvironment.detect():
-        slurm = SLURMEnvironment()
-        return slurm.global_rank(), slurm.world_size()
-    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-
-
-@contextlib.contextmanager
-def _rank_env(rank: int, world: int) -> Iterator[None]:
-    """RANK/WORLD_SIZE set to this process's rank for the block (webdataset's shard split reads them),
-    restored afterwards, so an in-process call (a notebook, a test) leaves the environment as it was."""
-    saved = {name: os.environ.get(name) for name in ("RANK", "WORLD_SIZE")}
-    os.environ["RANK"], os.environ["WORLD_SIZE"] = str(rank), str(world)
-    try:
-        yield
-    finally:
-        for name, value in saved.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
-
-
-def _rank_finished(cache: LatentCache, split: str, rank: int, world: int) -> bool:
-    """This rank's part of an unfinished split was written by an earlier run of the same world size: a
-    restarted job (killed, requeued) redoes only the ranks without a completion record. A split that
-    every rank finished is still refused (or rebuilt with --overwrite) by `LatentCache.start`."""
-    done = cache._file("done", split, rank)  # the cache's own layout of completion records
-    if not done.is_file() or cache.is_finished(split):
-        return False
-    if json.loads(done.read_text()).get("world_size") != world:
-        return False
-    print(f"cache-latents: rank {rank}/{world} of {split} is finished in {cache.root}; skipping it")
-    return True
-
-
-@dataclass
-class _Totals:
-    """Running channel sums of the latents and the curve rows of one rank."""
-
-    channels: int
-    count: int = 0
-    total: Tensor = field(init=False)
-    total_sq: Tensor = field(init=False)
-    rows: dict[str, list] = field(default_factory=lambda: {n: [] for n in Curves._fields if n != "grid"})
-
-    def __post_init__(self) -> None:
-        self.total = torch.zeros(self.channels, dtype=torch.float64)
-        self.total_sq = torch.zeros(self.channels, dtype=torch.float64)
-
-
-def _write_batch(
-    model: VariableLengthTokenizer, batch: ImageBatch, grid: list[int], sink, totals: _Totals, flip: bool
-) -> None:
-    """Encode one batch, update the sums and write one latent sample per image (labels checked); with
-    `flip` also the latent of each horizontally flipped image (statistics stay those of the originals)."""
-    z = model.encode(batch.image).double()  # (B, N, C)
-    z_flip = model.encode(batch.image.flip(-1)) if flip else None  # (B, N, C)
-    totals.total += z.sum(dim=(0, 1))
-    totals.total_sq += z.pow(2).sum(dim=(0, 1))
-    totals.count += len(batch.key)
-    curves = psnr_curves(model, batch.image, grid, z=z.float()) if grid else None  # (B, G)
-    pixels = to_uint8(batch.image) if grid else None  # (B, H, W, 3)
-    for i, key in enumerate(batch.key):
-        meta = {"label": int(batch.label[i]), "complexity": int(batch.complexity[i]), "key": key}
-        if curves is not None:
-            meta["psnr"] = [float(p) for p in curves[i]]
-            meta["png_bytes"] = png_size(pixels[i])
-            for name in totals.rows:
-                totals.rows[name].append(meta["key" if name == "keys" else name])
-        sample = {"__key__": key, "latent.npy": z[i].float().numpy(), "cls": str(meta["label"]), "json": meta}
-        if z_flip is not None:
-            sample["latent_flip.npy"] = z_flip[i].float().numpy()
-        sink.write(sample)
-
-
-def _finish(
-    cache: LatentCache, split: str, rank: int, cfg, totals: _Totals, grid: list[int], meta: dict
-) -> None:
-    """Statistics, curves and the completion record of this rank's part of the split."""
-    cache.write_stats(split, rank, totals.count * cfg.n_slots, totals.total, totals.total_sq)
-    if grid:
-        cache.save_curves(split, rank, Curves(**totals.rows, grid=grid))
-    seconds = round(time.time() - meta.pop("start"), 1)
-    meta |= {"n_slots": cfg.n_slots, "channels": cfg.channels, "samples": totals.count, "seconds": seconds}
-    cache.finish(split, rank, {**meta, "distortion_grid": grid})
-    line = (
-        f"{totals.count} {split} latents ({cfg.n_slots}x{cfg.channels}) on rank {rank}/{meta['world_size']}, "
-        f"{meta['skipped']} skipped, {seconds} s"
-    )
-    if rank:
-        print(f"cache-latents: {line} -> {cache.root}")
-        return
-    nxt = "make train-dit" if split != "train" else f"vlt cache-latents ... --split val --out {cache.root}"
-    files = sorted(p.name for p in cache.root.iterdir() if split in p.name)
-    console.summary(f"cache-latents: {line}", where=cache.root, files=files, next_steps=[nxt])
+def fingerprint(model: torch.nn.Module) -> str:
+    """sha256 of a module's weights: a resumed run must encode with the same tokenizer."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
 
 
 def cache_latents(
@@ -155,61 +54,142 @@ def cache_latents(
     split: str = "train",
     batch_size: int = 256,
     num_workers: int = 1,
-    shard_size: int = 5000,
     overwrite: bool = False,
     distortion: bool = True,
     flip: bool = True,
+    accelerator: str = "auto",
+    devices: int | str = 1,
+    num_nodes: int = 1,
+    precision: str | None = None,
 ) -> Path:
-    """Encode image shards with a tokenizer into latent shards plus statistics.
+    """Encode image shards with a tokenizer into latent shards plus statistics (resumable).
 
     Args:
         tokenizer: a stage-1 checkpoint (EMA weights when EMA was on), a stage-2/3 checkpoint or an
             export folder.
-        shards: image shard spec (paths, brace/glob patterns, lists, `pipe:` urls).
+        shards: image shard spec (paths, brace/glob patterns, lists, `pipe:` urls); one latent shard
+            is written per image shard.
         out: output folder of the cache.
         split: name of this split ("train" statistics normalise every split).
-        batch_size: images per encoder call.
-        num_workers: decode workers.
-        shard_size: latents per output shard.
-        overwrite: replace a finished cache of this split instead of refusing.
+        batch_size: images per encoder call, on each device.
+        num_workers: decode workers per process.
+        overwrite: rebuild a finished split (or one begun with other settings) instead of refusing.
         distortion: also measure per-image PSNR at every K of the pattern (G extra decodes per image)
             for content-adaptive allocation; ignored for per-image (ToMe) tokenizers.
         flip: also store the latent of the horizontally flipped image (`latent_flip.npy`), which
             stage-2 training draws 50/50 with the original (the reference's augmentation; one more
             encode per image).
+        accelerator: Lightning's accelerator ("auto", "gpu", "cpu").
+        devices: devices (= processes) per node; more than one runs DDP.
+        num_nodes: nodes (under Slurm: the job's --nodes; `make cache-latents LAUNCH=slurm` sets both).
+        precision: Lightning's precision, e.g. "bf16-mixed" (default: bf16-mixed on a GPU, 32-true on CPU).
     """
-    rank, world = _rank_world()
     check_name(split, "--split")
-    cache = LatentCache(out)
-    if not overwrite and _rank_finished(cache, split, rank, world):
-        return cache.root
-    cache.start(split, rank, overwrite=overwrite)
+    if batch_size < 1 or num_workers < 0:
+        raise ValueError(f"--batch-size must be >= 1 and --num-workers >= 0, got {batch_size}, {num_workers}")
+    urls = resolve_shards(shards)
     model = load(tokenizer, part="tokenizer").eval()
     cfg, grid = model.cfg, (model.ks if model.pattern is not None and distortion else [])
-    if model.pattern is not None and rank == 0:
-        cache.save_pattern(model.pattern)
-    with _rank_env(rank, world):  # webdataset splits the shards by RANK/WORLD_SIZE
-        data = WebDataModule(
-            val=shards, image_size=cfg.image_size, val_batch_size=batch_size, num_workers=num_workers
-        )
-        data.setup("validate")
-        start, totals = time.time(), _Totals(cfg.channels)
-        with (
-            wds.ShardWriter(cache.shard_pattern(split, rank), maxcount=shard_size, verbose=0) as sink,
-            torch.no_grad(),
-        ):
-            total = _batches(data.info, split, batch_size, world)
-            for batch in console.progress(data.val_dataloader(), total=total, desc=f"cache-latents {split}"):
-                where = f"cache-latents of {shards}"
-                check_labels(batch.label, data_classes(data.info), where=where, keys=batch.key)
-                _write_batch(model, batch, grid, sink, totals, flip)
-        meta = {"tokenizer": str(tokenizer), "world_size": world, "skipped": data.skipped, "start": start}
-        meta["flip"] = flip
-        _finish(cache, split, rank, cfg, totals, grid, meta)
+    precision = precision or default_precision(accelerator)
+    settings = {"tokenizer": fingerprint(model), "shards": urls, "image_size": cfg.image_size, "flip": flip}
+    settings |= {"distortion_grid": grid, "precision": precision}
+    cache = LatentCache(out)
+    resume = cache.check_run(split, settings, overwrite=overwrite)
+    sizes = {"image_size": cfg.image_size, "batch_size": batch_size, "num_workers": num_workers}
+    run = {"accelerator": accelerator, "devices": devices, "num_nodes": num_nodes, "precision": precision}
+    encode_split(model, cache, split, urls, settings, resume=resume, sizes=sizes, run=run, source=tokenizer)
     return cache.root
 
 
-def _batches(info: dict | None, split: str, batch_size: int, world: int) -> int | None:
-    """Batches of this rank when the shard set's info.json counts the split (for the progress total)."""
-    count = ((info or {}).get("counts") or {}).get(split)
-    return -(-int(count) // (batch_size * world)) if count else None
+def encode_split(
+    model: VariableLengthTokenizer,
+    cache: LatentCache,
+    split: str,
+    urls: list[str],
+    settings: dict,
+    *,
+    resume: bool,
+    sizes: dict,
+    run: dict,
+    source: str,
+) -> None:
+    """The units still missing on Lightning's predict loop, then (rank zero) the split's end records."""
+    from vlt.lit.cacher import CacheData, LitCacher, UnitWriter  # only encoding pays for Lightning
+
+    cfg, grid, flip = model.cfg, settings["distortion_grid"], settings["flip"]
+    data = CacheData(cache, split, urls, settings, resume=resume, **sizes)
+    classes = data_classes(shard_info(urls))
+    writer = UnitWriter(cache, split, urls, channels=cfg.channels, classes=classes, grid=grid)
+    trainer = predict_trainer("cache-latents", [writer], cache.root, **run)
+    start = time.time()
+    trainer.predict(LitCacher(model, flip=flip, grid=grid), datamodule=data, return_predictions=False)
+    # Every rank's units are on disk before rank zero reads their records (outside the loop: a rank
+    # with nothing left may skip it).
+    trainer.strategy.barrier("vlt-cache-units")
+    if trainer.is_global_zero:
+        meta = {"tokenizer": str(source), "world_size": trainer.world_size, "flip": flip}
+        meta |= {"precision": run["precision"], "n_slots": cfg.n_slots, "channels": cfg.channels}
+        meta |= {"distortion_grid": grid, "seconds": round(time.time() - start, 1)}
+        totals = finish_split(cache, split, urls, meta, model)
+        _summary(cache, split, totals, writer, trainer.world_size)
+
+
+def finish_split(
+    cache: LatentCache, split: str, urls: list[str], meta: dict, model: VariableLengthTokenizer
+) -> dict[str, int]:
+    """From the unit records: the index, then per rank's share statistics, curves and the completion
+    record (last). Returns the split's samples, skipped samples and shard errors."""
+    from vlt.lit.cacher import rank_units
+
+    records = cache.unit_records(split)
+    missing = [u for u in range(len(urls)) if u not in records or not cache.unit_done(split, u)]
+    if missing:
+        raise RuntimeError(
+            f"{len(missing)} of {len(urls)} image shards of {split} have no finished latent shard in "
+            f"{cache.root} (first: {urls[missing[0]]}): run the same command again to make them"
+        )
+    fields = ("unit", "url", "shard", "samples", "skipped", "shard_errors")
+    cache.write_index(split, [{name: records[u][name] for name in fields} for u in range(len(urls))])
+    if model.pattern is not None:
+        cache.save_pattern(model.pattern)
+    totals = {"samples": 0, "skipped": 0, "shard_errors": 0}
+    for rank in range(meta["world_size"]):
+        share = rank_units(len(urls), rank, meta["world_size"])
+        counts = {name: sum(records[u][name] for u in share) for name in totals}
+        sums = [
+            np.sum([records[u][name] for u in share] or [[0.0] * meta["channels"]], axis=0)
+            for name in ("sum", "sum_sq")
+        ]
+        cache.write_stats(split, rank, counts["samples"] * meta["n_slots"], *map(torch.from_numpy, sums))
+        if meta["distortion_grid"]:
+            cache.save_curves(split, rank, _share_curves(cache, split, share, meta["distortion_grid"]))
+        cache.finish(split, rank, {**meta, **counts, "units": len(share)})
+        totals = {name: totals[name] + counts[name] for name in totals}
+    return totals
+
+
+def _share_curves(cache: LatentCache, split: str, units: list[int], grid: list[int]) -> Curves:
+    if not units:
+        empty = np.zeros(0, dtype=np.int64)
+        psnr = np.zeros((0, len(grid)), dtype=np.float32)
+        return Curves(keys=[], psnr=psnr, label=empty, complexity=empty, png_bytes=empty, grid=grid)
+    return join_curves([cache.unit_curves(split, u) for u in units])
+
+
+def _summary(cache: LatentCache, split: str, totals: dict[str, int], writer, world: int) -> None:
+    meta = cache.meta(split)
+    line = (
+        f"{totals['samples']} {split} latents ({meta['n_slots']}x{meta['channels']}), {totals['skipped']} "
+        f"skipped, {totals['shard_errors']} shard errors, {meta['seconds']} s on {world} processes"
+    )
+    nxt = "make train-dit" if split != "train" else f"vlt cache-latents ... --split val --out {cache.root}"
+    console.summary(
+        f"cache-latents: {line}",
+        where=cache.root,
+        files=sorted(p.name for p in cache.root.iterdir() if split in p.name and p.is_file()),
+        numbers={
+            "image shards encoded by rank 0 (others were done or on other ranks)": writer.units,
+            "rank 0 images per second": writer.images_per_second,
+        },
+        next_steps=[nxt],
+    )

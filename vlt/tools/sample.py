@@ -25,6 +25,7 @@ from vlt import console
 from vlt.data.transforms import to_uint8
 from vlt.panels import panel, save_png
 from vlt.stages import LatentGenerator, load
+from vlt.tools.predicting import default_precision, predict_trainer
 
 GRID_IMAGES = 64  # the PNG shows the first images only; the npz holds all of them
 
@@ -96,12 +97,6 @@ def sample(
     return sample_on_devices(model, k or model.ks, settings, root, **run)
 
 
-def default_precision(accelerator: str) -> str:
-    """bf16-mixed where a CUDA GPU with bf16 runs the job, else 32-true (CPU)."""
-    gpu = accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available()
-    return "bf16-mixed" if gpu and torch.cuda.is_bf16_supported() else "32-true"
-
-
 def sample_on_devices(
     model: LatentGenerator,
     ks: list[int],
@@ -124,8 +119,14 @@ def sample_on_devices(
     parts = SampleParts(root, {**settings, "precision": precision})
     parts.check_settings()
     writer = PartWriter(parts)
-    trainer = _trainer(
-        writer, root, accelerator=accelerator, devices=devices, num_nodes=num_nodes, precision=precision
+    trainer = predict_trainer(
+        "sample",
+        [writer],
+        root,
+        accelerator=accelerator,
+        devices=devices,
+        num_nodes=num_nodes,
+        precision=precision,
     )
     lit = LitSampler(model, **{key: settings[key] for key in ("labels", "seed", "steps", "cfg_scale")})
     data = SampleData(parts, ks, settings["count"], settings["batch_size"])
@@ -149,27 +150,6 @@ def sample_on_devices(
         next_steps=[f"vlt eval {written[1]} --ref REF.npz (the npz files are what FID evaluators read)"],
     )
     return written
-
-
-def _trainer(writer, root: Path, **options):
-    """A predict-only Trainer: Lightning's bar on a terminal, status lines on a pipe, no logger."""
-    import lightning.pytorch as pl
-
-    from vlt.callbacks.progress import PredictLines
-
-    console.quiet_third_party()  # again: Lightning's log handlers exist only once it is imported
-    bar = console.is_terminal() and not console.quiet()
-    lines = [] if bar or console.quiet() else [PredictLines("sample")]
-    return pl.Trainer(
-        **options,
-        logger=False,
-        enable_checkpointing=False,
-        enable_model_summary=False,
-        enable_progress_bar=bar,
-        use_distributed_sampler=False,  # SampleData deals the batches over the ranks itself
-        callbacks=[writer, *lines],
-        default_root_dir=root,
-    )
 
 
 def finish_k(parts, k: int, settings: dict, root: Path, cols: int) -> list[Path]:
