@@ -32,6 +32,8 @@ import sys
 import time
 from pathlib import Path
 
+import adaptive_compute  # the quality-vs-FLOPs phase, beside this script
+
 ROOT = Path(__file__).resolve().parents[1]
 VLT = [sys.executable, "-m", "vlt.cli"]
 FEATURES = "data/features"
@@ -102,9 +104,11 @@ def allocations(latents: Path, budgets: list[int], distortion: str) -> list[dict
 
 
 def train_dit(
-    config: str, name: str, latents: Path, tokenizer: str, runs_dir: Path, fresh: bool, seed: int
-) -> Path:
-    """`vlt fit -c config` as runs/<name>; seed > 0 also seeds the training stream (reruns repeat it)."""
+    config: str, name: str, latents: Path, tokenizer: str, runs_dir: Path, fresh: bool, seed: int,
+    extra: tuple[str, ...] = (),
+) -> Path:  # fmt: skip
+    """`vlt fit -c config [extra]` as runs/<name>; seed > 0 also seeds the training stream (reruns
+    repeat it)."""
     ckpt = runs_dir / name / "checkpoints" / "last.ckpt"
     if ckpt.exists() and not fresh:
         print(f"DiT found: {ckpt}")
@@ -122,6 +126,7 @@ def train_dit(
             f"--latents={latents}",
             f"--model.init_args.tokenizer={tokenizer}",
             *seeding,
+            *extra,
         ]
     )
     return ckpt
@@ -206,7 +211,7 @@ def stage2(
         out,
         ks=ks,
         metrics=["gfid"],
-        cfg_scales=[1.5],
+        cfg_scales=[1.0],  # the guidance sweep's choice (experiment-paper), whatever a checkpoint says
         budgets=budgets,
         num_images=512,
         batch_size=128,
@@ -317,7 +322,7 @@ def stage2_table(
         else f"mean ± t interval over {seeds} noise seeds"
     )
     lines = [
-        f"## Stage 2: generation (w = 1.5, 512 samples; {spread}, 95%)",
+        f"## Stage 2: generation (w = 1, the guidance sweep's choice; 512 samples; {spread}, 95%)",
         "",
         "Fixed-K DiT at K = budget vs the adaptive DiT with K_i ~ p(K | class) tilted to the budget. "
         "Difference = adaptive - fixed; significant when it exceeds its interval's half-width (for "
@@ -363,6 +368,12 @@ def main() -> None:
     parser.add_argument(
         "--fixed_latents", default="data/latents/tokenizer-tiny", help="the fixed DiT's cache"
     )
+    parser.add_argument(
+        "--split_prob", type=float, default=0.5, help="flow.split_prob of the DiT trained for coarse-to-fine"
+    )
+    parser.add_argument(
+        "--no_compute", action="store_true", help="skip the coarse-to-fine quality-vs-FLOPs phase"
+    )
     parser.add_argument("--fresh", action="store_true", help="redo every step")
     args = parser.parse_args()
     for path in (args.tokenizer, args.dit):
@@ -407,6 +418,13 @@ def main() -> None:
     lines = ["# Content-adaptive vs fixed K (tiny presets, embedded synthetic val)", ""]
     lines += [*stage1_table(rows1, budgets), "", *allocate_table(allocs), ""]
     lines += stage2_table(fixed_dit, adaptive_dit, budgets, args.seeds)
+    if not args.no_compute:
+        split_ckpt = train_dit(
+            "conf/dit/tiny.yaml", "dit-tiny-split", ROOT / args.fixed_latents, args.tokenizer, runs_dir,
+            args.fresh, 0, extra=(f"--model.init_args.flow.split_prob={args.split_prob}",),
+        )  # fmt: skip
+        lines += ["", *adaptive_compute.phase(ROOT / args.dit, split_ckpt, latents, adaptive_dit[0], out,
+                                             args.seeds, args.fresh)]  # fmt: skip
     table = "\n".join(lines) + "\n"
     (out / "results.md").write_text(table)
     run(["curves", str(out / "stage1-mse"), "--out", str(out / "stage1_psnr.png"), "--metric", "psnr_mse"])

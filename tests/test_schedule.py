@@ -154,6 +154,8 @@ def test_the_coarse_decider_learns_curves_and_applies_its_rules():
     assert abs(float(ks_budget.double().mean()) - 16.0) < 2.0
     with pytest.raises(ValueError, match="exactly one rule"):
         CoarseDecider(predictor)
+    with pytest.raises(ValueError, match="chooses among K >= 16"):
+        fit_decider_predictor(gen, z, labels, psnr, grid, k=16, at=0.4)
 
 
 def test_split_training_states_lead_straight_to_the_data():

@@ -96,7 +96,11 @@ def fit_decider_predictor(
 ) -> CurvePredictor:  # fmt: skip
     """A `CurvePredictor` over the Kd = k tokens the sampler sees at `at`, trained on cached latents z
     (S, N, C), labels (S,) and PSNR curves psnr (S, G) over `grid`; reused from `path` when it was
-    trained on the same data and settings."""
+    trained on the same data and settings. The grid holds the choices, so no K below k (tokens never merge
+    back while sampling)."""
+    if min(grid) < k:
+        below = [g for g in grid if g < k]
+        raise ValueError(f"a decision at K={k} tokens chooses among K >= {k}; drop {below} from grid")
     fingerprint = {
         "grid": [int(g) for g in grid], "k": int(k), "at": float(at), "samples": len(z), "steps": steps,
         "width": width, "seed": seed, "psnr_sum": round(float(psnr.double().sum()), 3),

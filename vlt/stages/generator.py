@@ -294,6 +294,11 @@ class LatentGenerator(nn.Module):
         flops = {k: self.decided_flops(schedule, k, at, scale) for k in ks.unique().tolist()}
         return DecidedSamples(images, ks, torch.tensor([flops[k] for k in ks.tolist()], dtype=torch.float64))
 
+    def decision_k(self, schedule: KSchedule | str, at: float) -> int:
+        """The K that `generate_decided` decides at: the schedule's K in use at flow time `at`."""
+        grid = time_grid(self.spec.sample_steps, self.spec.timestep_shift)
+        return self.schedule(schedule).ks_per_step(grid)[max(self._decision_step(grid, at) - 1, 0)]
+
     @staticmethod
     def _decision_step(grid: Sequence[float], at: float) -> int:
         """The first step that starts at or after flow time `at` (0 < at < 1)."""
@@ -308,9 +313,7 @@ class LatentGenerator(nn.Module):
         plus the decision's DiT call at the K in use at time `at` (the decision rule itself is not
         counted: a small MLP on Kd tokens)."""
         schedule = self.schedule(schedule)
-        grid = time_grid(self.spec.sample_steps, self.spec.timestep_shift)
-        kd = schedule.ks_per_step(grid)[max(self._decision_step(grid, at) - 1, 0)]
-        return self.flops(schedule.capped(k), cfg_scale) + self.dit.flops(kd)
+        return self.flops(schedule.capped(k), cfg_scale) + self.dit.flops(self.decision_k(schedule, at))
 
     def flops(self, k: int | KSchedule | str, cfg_scale: float | None = None) -> float:
         """Forward FLOPs per generated image: every DiT call of the sampler, each at the K of its step
