@@ -226,3 +226,16 @@ def test_vlt_convert_tokenizer_alone_and_inside_the_generator(tmp_path):
     torch.testing.assert_close(gen.tokenizer.encode(x), tok.encode(x))
     with torch.no_grad():
         assert gen.generate(torch.tensor([0, 1]), 4, steps=1).shape == (2, 3, IMAGE, IMAGE)
+    # a merge table beside the tokenizer must hold the same pattern
+    table = {k: (tok.pattern.gbar(k), tok.pattern.sizes(k)) for k in tok.ks}
+    torch.save(table, tmp_path / "merge.pt")
+    both = [*options, f"--dit={tmp_path / 'xl.pth'}", f"--merge_table={tmp_path / 'merge.pt'}"]
+    vlt(["convert", f"--out={tmp_path / 'both'}", *both])
+    assert load(tmp_path / "both" / "generator").pattern.equal(tok.pattern)
+    interleaved = F.one_hot(torch.arange(N) % 8, 8).float()  # groups across the blocks: never a cut
+    table[8] = (interleaved / (N // 8), torch.full((8,), N / 8))
+    torch.save(table, tmp_path / "merge.pt")
+    with pytest.raises(ValueError, match="merge pattern mismatch"):
+        vlt(["convert", f"--out={tmp_path / 'bad'}", *both])
+    with pytest.raises(ValueError, match="--merge_table or --tokenizer"):
+        vlt(["convert", f"--out={tmp_path / 'bad'}", f"--dit={tmp_path / 'xl.pth'}", options[1]])
