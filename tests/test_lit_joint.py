@@ -152,7 +152,9 @@ def test_file_encoder_is_frozen_adapted_and_never_saved(tmp_path):
     assert not any(key.startswith("target.") for key in model.state_dict())
     model.losses(_batch(), 8, recon_k=8)["align_tok"].backward()
     assert _grads(_tok(model))["patch_embed.weight"] > 0
-    with pytest.raises(ValueError, match="does not exist"):
+    with pytest.raises(
+        ValueError, match=r"missing\.pt does not exist \(model\.init_args\.align_encoder\.path"
+    ):
         _joint(align_encoder=AlignEncoderSpec(kind="file", path=str(tmp_path / "missing.pt")))
     with pytest.raises(ValueError, match=r"align_encoder\.kind"):
         _joint(align_encoder=AlignEncoderSpec(kind="dino"))  # type: ignore[arg-type]

@@ -41,6 +41,14 @@ def test_real_presets_build(name: str, params_m: tuple[float, float]) -> None:
         assert tok.cfg.bottleneck == "kl" and tok.cfg.init == "paper"
 
 
+def test_lgm_b_preset_is_the_reference_tokenizer_shape() -> None:
+    tok = create("tokenizer", "lgm-b")
+    n = sum(p.numel() for p in tok.parameters()) / 1e6
+    assert 170 < n < 180, n  # two DINOv2 ViT-Bs + 4 x 8192 x 32 codebook entries
+    assert tok.bottleneck.codebook.shape == (4, 8192, 32) and tok.encoder.blocks[0].ls1.gamma.shape == (768,)
+    assert tok.encoder.norm.eps == 1e-6 and tok.enc_cls.shape == tok.dec_cls.shape == (1, 768)
+
+
 @pytest.mark.slow
 def test_s_preset_full_size_forward() -> None:
     tok = create("tokenizer", "s").eval()

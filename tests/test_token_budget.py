@@ -290,6 +290,21 @@ def test_budgets_outside_the_evaluated_ks_are_refused():
         TokenBudgetCallback(ks=[4, 16], budgets=[8], budget_distortion="ssim")
 
 
+def test_missing_weight_files_fail_at_setup_naming_the_file_and_the_key(tmp_path):
+    """Inception weights (rfid/gfid) and the vltnet feature net are checked when the fit starts, not
+    after the first evaluation."""
+    from unittest.mock import Mock
+
+    missing = str(tmp_path / "pt_inception.pth")
+    cb = TokenBudgetCallback(ks=[4, 16], metrics=["rfid"], extractor="inception", weights=missing)
+    with pytest.raises(ValueError, match=r"init_args\.weights=.*pt_inception\.pth.*not found"):
+        cb.setup(Mock(), Mock(), "fit")  # a Mock module has every BudgetModule method
+    cb = TokenBudgetCallback(ks=[4, 16], metrics=["psnr"], feature_net=str(tmp_path / "nets"))
+    with pytest.raises(ValueError, match=r"init_args\.feature_net=.*nets.*no vltnet feature net"):
+        cb.setup(Mock(), Mock(), "fit")
+    TokenBudgetCallback(ks=[4, 16], metrics=["rfid"], extractor="proxy").setup(Mock(), Mock(), "fit")
+
+
 def test_vltnet_scores_with_intervals_and_cached_real_features(tmp_path, tiny_vltnet):
     options = {"metrics": ["rfid", "gfid"], "every_n_steps": None, "feature_net": str(tiny_vltnet)}
     options |= {"feature_scores": ["fd", "kid", "precision", "recall", "class_acc"], "replicates": 20}

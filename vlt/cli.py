@@ -4,7 +4,7 @@
     vlt data synthetic|photos|folder|imagenet ...             build webdataset shards
     vlt cache-latents ... / vlt sample ... / vlt curves ...   (stage tools)
     vlt export CKPT OUT                                       stage checkpoint -> export folder(s)
-    vlt convert --out OUT --merge_table T --stats S --dit xl.pth   reference release files -> export folder(s)
+    vlt convert --out OUT --tokenizer T --stats S --dit xl.pth    reference release files -> export folder(s)
     vlt eval SAMPLES --ref REF [--features inception|vltnet|proxy]   FID, sFID, IS, P/R, KID (ADM protocol)
     vlt allocate --cache <latents> --budget <mean K> ...      per-image K over the nested grid
 

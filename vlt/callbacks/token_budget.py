@@ -96,6 +96,7 @@ class TokenBudgetCallback(pl.Callback):
     # ----------------------------------------------------------------- hooks
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self.evaluator.check(pl_module)
+        self.evaluator.check_files()
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.is_global_zero:

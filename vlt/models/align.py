@@ -126,7 +126,10 @@ class FileFeatures(_Frozen):
     def __init__(self, path: str, *, n_slots: int, image_size: int | None, probe_size: int) -> None:
         super().__init__()
         if not Path(path).is_file():
-            raise ValueError(f"alignment encoder file {path} does not exist (a torch.jit.save file)")
+            raise ValueError(
+                f"alignment encoder file {path} does not exist (model.init_args.align_encoder.path: a "
+                "torch.jit.save file of the frozen encoder)"
+            )
         net = torch.jit.load(path, map_location="cpu").eval()
         for p in net.parameters():
             p.requires_grad_(False)

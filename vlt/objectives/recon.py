@@ -87,7 +87,8 @@ def _missing_weights(weight: float, path: str | None) -> str:
     return (
         f"perceptual loss weight {weight} needs a local weights file, but {where}. Expected a torch "
         "state_dict of vlt.objectives.recon.PerceptualNet (write one with PerceptualNet.save), placed "
-        "e.g. at weights/perceptual.pt and passed as perceptual_weights=<path>; or set perceptual=0."
+        "e.g. at weights/perceptual.pt and passed as model.init_args.loss.perceptual_weights=<path>; or set "
+        "model.init_args.loss.perceptual=0."
     )
 
 

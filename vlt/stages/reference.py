@@ -17,24 +17,43 @@ Generator keys (reference LightningDiT with `force_one_d_seq`, see `DIT_KEYS`):
 LoRA checkpoints are PEFT state dicts of that model: `base_model.model.<key>` for the base,
 `<layer>.base_layer.*` for an adapted layer's base weights and `<layer>.lora_A|lora_B.<name>.weight`
 for its adapter, which becomes vlt's `<layer>.adapters.<K>.a|b` (`vlt.nn.lora`).
+
+Tokenizer keys (`tokenizer.pt`: the reference's SoftVQModel2, timm DINOv2 ViTs, `ema` weights), to
+vlt's `Tokenizer` (preset `lgm-b`; the reference sequences are [cls, P patches, N slots] in both ViTs):
+    encoder.model.patch_embed.proj (conv (D, 3, s, s)) -> patch_embed (linear on (s1 s2 c) patches),
+    encoder.model.pos_embed (1, 1 + P, D) -> enc_pos = its P patch rows; encoder.model.cls_token + its
+    position row -> enc_cls; encoder.latent_tokens + encoder.latent_pos_embed -> slots (they are only
+    ever used summed); {encoder, decoder}.model.blocks.i.* -> {encoder, decoder}.blocks.i.* (norm1,
+    attn.qkv, attn.proj, ls1.gamma, norm2, mlp.fc1, mlp.fc2, ls2.gamma keep their names);
+    {encoder, decoder}.model.norm -> {encoder, decoder}.norm; quant_conv -> bottleneck.proj;
+    quantize.embedding (G, V, C) -> bottleneck.codebook; post_quant_conv -> latent_in;
+    decoder.latent_pos_embed -> slot_pos; decoder.mask_token -> mask_token; decoder.model.pos_embed ->
+    dec_pos (patch rows) and, with decoder.model.cls_token, dec_cls; decoder.to_pixel.model -> to_pixels;
+    merge_module.embeddings (N, E) -> the MergePattern (cut as the reference cuts it, `REFERENCE_KS`).
+Training-only parts (`TOKENIZER_DROPPED`: the DINOv2 teacher, the auxiliary decoder, the codebook-usage
+log, ...) are dropped by name and reported; any other unknown key is an error.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import re
 from collections.abc import Mapping
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
 
 from vlt.models.dit import DiT, DiTConfig
+from vlt.models.merging import hierarchy
 from vlt.models.pattern import MergePattern
+from vlt.models.tokenizer import TokenizerConfig
 from vlt.objectives.flow import FlowSpec
 from vlt.stages.generator import LatentGenerator
+from vlt.stages.tokenizer import VariableLengthTokenizer
 
 State = dict[str, Tensor]
 
@@ -253,3 +272,167 @@ def generator_from_reference(
     if tokenizer is not None:
         gen.take_tokenizer(tokenizer, source="the converted reference tokenizer")
     return gen.eval()
+
+
+# --- the tokenizer (`tokenizer.pt`: the reference's SoftVQModel2 with variable_method "ours2") ---
+# The levels the reference cuts from its merge embeddings (extract_features.py writes these K).
+REFERENCE_KS: tuple[int, ...] = (4, 8, 16, 32, 48, 64, 96, 128, 196, 256)
+MERGE_BLOCKS = 4  # the reference merges inside 4 contiguous blocks of N/4 slots
+
+# Parts of the reference training state that vlt's tokenizer has no use for: prefix -> what it is.
+TOKENIZER_DROPPED: dict[str, str] = {
+    "repa_model.": "the frozen DINOv2 teacher of the auxiliary feature loss",
+    "decoder_dino.": "the auxiliary DINOv2-feature decoder (a training loss)",
+    "post_quant_conv_dino.": "the auxiliary decoder's input projection",
+    "to_pixel_dino.": "the auxiliary decoder's output projection",
+    "projection.": "the REPA projector",
+    "discriminator.": "the GAN discriminator",
+    "quantize.codebook_used": "SoftVQ's log of recently used codebook entries",
+    "encoder.mask_token": "the encoder's token-drop mask (training only)",
+    "decoder.model.patch_embed.": "the decoder's patch embedding (unused: it reads mask tokens)",
+    "encoder.model.head.": "a classifier head (unused)",
+    "decoder.model.head.": "a classifier head (unused)",
+}
+
+# One-to-one renames of reference tokenizer keys (`tokenizer_state_from_reference` combines the rest).
+TOKENIZER_KEYS: list[tuple[str, str]] = [
+    (r"^(encoder|decoder)\.model\.blocks\.(\d+)\.", r"\1.blocks.\2."),
+    (r"^(encoder|decoder)\.model\.norm\.", r"\1.norm."),
+    (r"^encoder\.model\.patch_embed\.proj\.bias$", "patch_embed.bias"),
+    (r"^quant_conv\.", "bottleneck.proj."),
+    (r"^quantize\.embedding$", "bottleneck.codebook"),
+    (r"^post_quant_conv\.", "latent_in."),
+    (r"^decoder\.to_pixel\.model\.", "to_pixels."),
+]
+# Keys that combine (a token and its position embedding) or change layout; all must be present.
+_TOKENIZER_SPECIAL = (
+    "encoder.model.patch_embed.proj.weight", "encoder.model.cls_token", "encoder.model.pos_embed",
+    "encoder.latent_tokens", "encoder.latent_pos_embed", "decoder.model.cls_token",
+    "decoder.model.pos_embed", "decoder.mask_token", "decoder.latent_pos_embed", "merge_module.embeddings",
+)  # fmt: skip
+
+
+class ReferenceTokenizer(NamedTuple):
+    tokenizer: VariableLengthTokenizer  # the converted tokenizer, in eval mode
+    dropped: dict[str, int]  # reference prefix -> how many tensors under it were left out
+
+
+def tokenizer_state(ckpt: Mapping[str, Any], *, weights: str = "ema") -> State:
+    """The state dict in a reference tokenizer checkpoint: `ema` (weights="ema", the one its
+    extract_features.py and evaluate_tokenizer.py load) or `model`; a bare state dict as is."""
+    if weights not in ("ema", "model"):
+        raise ValueError(f"weights must be 'ema' or 'model', got {weights!r}")
+    if "ema" not in ckpt and "model" not in ckpt:
+        return dict(ckpt)
+    if ckpt.get(weights) is None:
+        raise ConversionError(f"the tokenizer checkpoint has no {weights!r} weights")
+    return dict(ckpt[weights])
+
+
+def drop_training_parts(state: Mapping[str, Tensor]) -> tuple[State, dict[str, int]]:
+    """(state without the `TOKENIZER_DROPPED` parts, {prefix: tensors dropped})."""
+    kept, dropped = {}, {}
+    for key, value in state.items():
+        prefix = next((p for p in TOKENIZER_DROPPED if key.startswith(p)), None)
+        if prefix is None:
+            kept[key] = value
+        else:
+            dropped[prefix] = dropped.get(prefix, 0) + 1
+    return kept, dropped
+
+
+def _check_reference_args(args: Any) -> None:
+    """Refuse reference tokenizers this converter does not reproduce (when the checkpoint says so)."""
+    checks = {
+        "vq_model": ("SoftVQ-2", "SoftVQ"), "variable_method": ("ours2",), "enc_type": ("vit",),
+        "dec_type": ("vit",), "to_pixel": ("linear",), "codebook_l2_norm": (True,),
+    }  # fmt: skip
+    for name, allowed in checks.items():
+        value = getattr(args, name, allowed[0])
+        if value not in allowed:
+            raise ConversionError(f"reference tokenizer with {name}={value!r}: only {allowed} convert")
+    if "movq" in str(getattr(args, "decoder_model", "")):
+        raise ConversionError("reference tokenizers with a MoVQ decoder do not convert")
+
+
+def tokenizer_config_from_reference(
+    state: Mapping[str, Tensor], args: Any = None, **overrides: Any
+) -> TokenizerConfig:
+    """The TokenizerConfig of a reference tokenizer state dict, read from its shapes; the SoftVQ
+    temperature from its `args` (0.07, the released config, without them); heads = width / 64 (the
+    head width of every DINOv2 ViT)."""
+    missing = [k for k in _TOKENIZER_SPECIAL if k not in state]
+    if missing:
+        raise ConversionError(f"not a reference ViT tokenizer with merge embeddings: no {missing[:4]}")
+    if args is not None:
+        _check_reference_args(args)
+    d, _, patch, _ = state["encoder.model.patch_embed.proj.weight"].shape
+    g, v, c = state["quantize.embedding"].shape
+    n_patches = state["encoder.model.pos_embed"].shape[1] - 1
+
+    def depth(part: str) -> int:
+        return 1 + max(
+            int(m.group(1)) for k in state if (m := re.match(rf"{part}\.model\.blocks\.(\d+)\.", k))
+        )
+
+    ls = state.get("encoder.model.blocks.0.ls1.gamma")
+    cfg = TokenizerConfig(
+        image_size=patch * math.isqrt(n_patches), patch_size=patch, width=d,
+        enc_depth=depth("encoder"), dec_depth=depth("decoder"), heads=d // 64,
+        mlp_ratio=state["encoder.model.blocks.0.mlp.fc1.weight"].shape[0] / d,
+        n_slots=state["encoder.latent_tokens"].shape[1], channels=c, bottleneck="softvq",
+        codebooks=g, codebook_size=v, codebook_tau=float(getattr(args, "tau", 0.07)), init="paper",
+        cls_token=True, layer_scale=1e-5 if ls is not None else None, norm_eps=1e-6,
+    )  # fmt: skip
+    return replace(cfg, **overrides)
+
+
+def _with_position(token: Tensor, pos: Tensor) -> Tensor:
+    """A reference token (1, 1, D) plus the first row of its pos_embed (1, 1 + P, D) -> (1, D)."""
+    return (token[0] + pos[0, :1]).reshape(1, -1)
+
+
+def tokenizer_state_from_reference(state: Mapping[str, Tensor]) -> tuple[State, Tensor]:
+    """(the vlt `Tokenizer` state dict, the merge embeddings (N, E)) of a reference tokenizer state dict
+    without its training-only parts (see the module docstring for the mapping)."""
+    special = {k: state[k] for k in _TOKENIZER_SPECIAL}
+    out = rename(
+        {k: v for k, v in state.items() if k not in special}, TOKENIZER_KEYS, what="reference tokenizer"
+    )
+    enc_pos, dec_pos = special["encoder.model.pos_embed"], special["decoder.model.pos_embed"]
+    w = special["encoder.model.patch_embed.proj.weight"]  # (D, 3, s, s): a conv over (c s1 s2)
+    out |= {
+        "patch_embed.weight": w.permute(0, 2, 3, 1).reshape(w.shape[0], -1),  # (D, s s 3) as vlt's (s1 s2 c)
+        "enc_pos": enc_pos[0, 1:],
+        "enc_cls": _with_position(special["encoder.model.cls_token"], enc_pos),
+        "slots": special["encoder.latent_tokens"][0] + special["encoder.latent_pos_embed"][0],
+        "dec_pos": dec_pos[0, 1:],
+        "dec_cls": _with_position(special["decoder.model.cls_token"], dec_pos),
+        "mask_token": special["decoder.mask_token"].reshape(-1),
+        "slot_pos": special["decoder.latent_pos_embed"][0],
+    }
+    return out, special["merge_module.embeddings"]
+
+
+def tokenizer_from_reference(
+    state: Mapping[str, Tensor], *, args: Any = None, ks: tuple[int, ...] = REFERENCE_KS, **overrides: Any
+) -> ReferenceTokenizer:
+    """A VariableLengthTokenizer from a reference tokenizer state dict (`tokenizer_state`).
+
+    The `TOKENIZER_DROPPED` parts are left out (and counted); any other key with no vlt counterpart,
+    and any vlt key left unfilled, is a ConversionError. The merge pattern is cut from the merge
+    embeddings as the reference cuts them: average linkage on 1 - cos inside 4 blocks of N/4 slots,
+    at every K of `ks` (N and K above N are skipped)."""
+    kept, dropped = drop_training_parts(state)
+    cfg = tokenizer_config_from_reference(kept, args, **overrides)
+    net_state, e = tokenizer_state_from_reference(kept)
+    levels = [k for k in ks if k <= cfg.n_slots]
+    pattern = MergePattern(cfg.n_slots, hierarchy(e.float(), levels, blocks=MERGE_BLOCKS), kind="lgm")
+    tok = VariableLengthTokenizer(cfg, pattern)
+    result = tok.net.load_state_dict(net_state, strict=False)
+    if result.missing_keys or result.unexpected_keys:
+        raise ConversionError(
+            f"tokenizer keys do not match: missing {result.missing_keys[:8]}, "
+            f"unexpected {result.unexpected_keys[:8]}"
+        )
+    return ReferenceTokenizer(tok.eval(), dropped)

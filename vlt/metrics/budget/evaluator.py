@@ -27,8 +27,8 @@ from vlt.metrics.budget.distributed import all_max, all_sum, gather_rows, world
 from vlt.metrics.budget.modules import GeneratorBudget, Run, TokenizerBudget, module_device
 from vlt.metrics.budget.scorer import SetScorer, columns
 from vlt.metrics.budget.settings import RECONSTRUCTION, BudgetSettings, scale_arg
-from vlt.metrics.features import load_vltnet
-from vlt.metrics.fid import build_fid, metric_name
+from vlt.metrics.features import load_vltnet, resolve
+from vlt.metrics.fid import build_fid, find_inception_weights, metric_name
 from vlt.metrics.intervals import combine
 from vlt.metrics.rate import psnr
 from vlt.metrics.real_stats import RealFeatures, RealStats, RealStatsKey, reduce_real_stats
@@ -109,6 +109,20 @@ class BudgetEvaluator(BudgetSettings):
                 f"{type(model).__name__} lacks {missing} needed by metrics={metrics}; see "
                 "vlt.metrics.budget.BudgetModule"
             )
+
+    def check_files(self, where: str = "TokenBudget") -> None:
+        """Fail now, not after the first evaluation, when a weights file these metrics read is missing:
+        the Inception weights of rfid/gfid (`weights`) and the vltnet feature net (`feature_net`)."""
+        if {"rfid", "gfid"} & set(self.metrics) and self.extractor == "inception":
+            try:
+                find_inception_weights(self.weights)
+            except ValueError as err:
+                raise ValueError(f"{where} (init_args.weights={self.weights!r}): {err}") from None
+        if self.feature_net is not None:
+            try:
+                resolve(self.feature_net)
+            except ValueError as err:
+                raise ValueError(f"{where} (init_args.feature_net={self.feature_net!r}): {err}") from None
 
     # ------------------------------------------------------------------ measuring
     def _measure(self, run: Run) -> list[dict]:
