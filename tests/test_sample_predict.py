@@ -116,3 +116,27 @@ def test_budget_mode_still_samples_one_k_per_image(generator, tmp_path):
     assert [p.name for p in written] == ["grid_budget12.png", "samples_budget12.npz"]
     saved = np.load(tmp_path / "samples_budget12.npz")
     assert saved["arr_0"].shape == (6, 32, 32, 3) and set(saved["ks"].tolist()) <= set(KS)
+
+
+def test_coarse_to_fine_sampling_does_not_depend_on_the_batch(generator, tmp_path):
+    """--schedule: each split's fresh noise is indexed like the starting noise, so the batch size (and
+    the number of processes) does not change an image; the schedule is capped at each K."""
+    runs = [
+        sample(
+            dit=str(generator),
+            k=[8, 32],
+            count=6,
+            batch_size=b,
+            out=str(tmp_path / f"b{b}"),
+            schedule="4,32@0.5",
+        )
+        for b in (2, 3)
+    ]
+    for k in (8, 32):
+        a, b = (np.load(next(p for p in r if p.name == f"samples_k{k}.npz"))["arr_0"] for r in runs)
+        np.testing.assert_allclose(a.astype(int), b.astype(int), atol=1)
+    plain = sample(dit=str(generator), k=[32], count=6, batch_size=3, out=str(tmp_path / "plain"))
+    coarse = np.load(next(p for p in runs[1] if p.name == "samples_k32.npz"))["arr_0"]
+    assert np.abs(np.load(plain[1])["arr_0"].astype(int) - coarse.astype(int)).max() > 8
+    with pytest.raises(ValueError, match="does not take it"):
+        sample(dit=str(generator), budget=8.0, count=4, out=str(tmp_path / "x"), schedule="4,32@0.5")

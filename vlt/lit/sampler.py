@@ -79,6 +79,8 @@ class LitSampler(pl.LightningModule):
         labels: the cycle of class labels (all classes: every class gets count / #classes images).
         seed: with the image index and K, the one source of each image's noise.
         steps, cfg_scale: sampler settings (None: the generator's `flow` settings).
+        schedule: coarse-to-fine K schedule (`vlt.objectives.schedule.KSchedule` text); the images of K
+            follow it capped at K, and each split's fresh noise is indexed like the starting noise.
     """
 
     def __init__(
@@ -89,19 +91,33 @@ class LitSampler(pl.LightningModule):
         seed: int,
         steps: int | None = None,
         cfg_scale: float | None = None,
+        schedule: str | None = None,
     ) -> None:
         super().__init__()
         self.generator = generator.eval()
         self.register_buffer("cycle", torch.tensor(labels, dtype=torch.long), persistent=False)
         self.seed, self.steps, self.cfg_scale = seed, steps, cfg_scale
+        self.schedule = generator.schedule(schedule) if schedule else None
 
     def predict_step(self, batch: dict, batch_idx: int) -> dict:
         k, index = int(batch["k"]), batch["index"]  # index: (B,)
         y = self.cycle[index.to(self.cycle.device) % len(self.cycle)]  # (B,)
         dit = self.generator.dit.cfg
         noise = indexed_noise(self.seed, index.tolist(), k, dit.n_slots, dit.channels)  # (B, N, C)
+        plan = self.schedule.capped(k) if self.schedule is not None else k
+        splits = [
+            indexed_noise(self.seed, index.tolist(), f"{k}-split{j}", dit.n_slots, dit.channels).to(
+                self.device
+            )
+            for j in range(self.generator.split_count(plan, self.steps))
+        ]  # (B, N, C) each
         images = self.generator.generate(
-            y, k, noise=noise.to(self.device), steps=self.steps, cfg_scale=self.cfg_scale
+            y,
+            plan,
+            noise=noise.to(self.device),
+            split_noise=splits,
+            steps=self.steps,
+            cfg_scale=self.cfg_scale,
         )  # (B, 3, H, W)
         return {
             "k": k,

@@ -153,14 +153,14 @@ def start_noise(
     return x * sizes.to(x).sqrt()[..., None] if kind == "plain" else x
 
 
-def image_seed(seed: int, index: int, k: int) -> int:
+def image_seed(seed: int, index: int, k: int | str) -> int:
     """A 63-bit seed that depends on (seed, global image index, K) only: hash-mixed, not seed + index,
     so neighbouring seeds do not share images shifted by one index."""
     digest = hashlib.blake2b(f"vlt-sample:{seed}:{k}:{index}".encode(), digest_size=8).digest()
     return int.from_bytes(digest, "little") & (2**63 - 1)
 
 
-def indexed_noise(seed: int, indices: Sequence[int], k: int, n: int, c: int) -> Tensor:
+def indexed_noise(seed: int, indices: Sequence[int], k: int | str, n: int, c: int) -> Tensor:
     """Full-space noise eps (B, N, C) ~ N(0, I_N), image i's from its own CPU generator seeded with
     `image_seed(seed, i, k)`: an image's noise does not depend on its batch, rank or world size."""
     rows = [

@@ -148,6 +148,11 @@ class LatentGenerator(nn.Module):
     def _guide(self, scale: float) -> Guide:
         return Guide(scale, self.spec.cfg_interval, uniform=self.spec.guidance == "uniform")
 
+    def split_count(self, k: int | KSchedule | str, steps: int | None = None) -> int:
+        """How many times sampling at `k` (a K or a schedule) splits its tokens."""
+        grid = time_grid(steps or self.spec.sample_steps, self.spec.timestep_shift)
+        return sum(a != b for a, b in pairwise(self.schedule(k).ks_per_step(grid)))
+
     def levels(self, ks: Sequence[int]) -> dict[int, Level]:
         """The sampler's view of levels `ks` of the pattern, on the generator's device."""
         device = self.latent_mean.device

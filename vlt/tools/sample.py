@@ -55,6 +55,7 @@ def sample(
     devices: int | str = 1,
     num_nodes: int = 1,
     precision: str | None = None,
+    schedule: str | None = None,
 ) -> list[Path]:
     """Sample `count` images per K and save an ADM npz + a PNG grid per K (or one set at a mean-K budget).
 
@@ -77,9 +78,14 @@ def sample(
         devices: devices (= processes) per node, e.g. 8; more than one runs DDP.
         num_nodes: nodes (under Slurm: the job's --nodes; `make sample LAUNCH=slurm` sets both).
         precision: Lightning's precision, e.g. "bf16-mixed" (default: bf16-mixed on a GPU, 32-true on CPU).
+        schedule: coarse-to-fine sampling, e.g. "4,8@0.3,16@0.5,32@0.7" (K from flow time t on; t = 0 is
+            noise): the images of each K follow it capped at K (`vlt.objectives.schedule`); best with a
+            DiT trained for splits (`flow.split_prob`).
     """
     if budget is not None and k is not None:
         raise ValueError("pass either --k (every image at each K) or --budget (one K per image), not both")
+    if schedule is not None and budget is not None:
+        raise ValueError("--schedule samples at each --k; --budget (one K per image) does not take it")
     if count < 1 or batch_size < 1:
         raise ValueError(f"--count and --batch-size must be >= 1, got {count} and {batch_size}")
     model = load(dit, part="generator")
@@ -92,7 +98,7 @@ def sample(
         y = torch.tensor([labels[i % len(labels)] for i in range(count)])
         return sample_at_budget(model, y, budget, steps=steps, cfg_scale=cfg_scale, seed=seed, root=root)
     settings = {"dit": str(dit), "tokenizer": tokenizer, "count": count, "batch_size": batch_size}
-    settings |= {"seed": seed, "steps": steps, "cfg_scale": cfg_scale, "labels": labels}
+    settings |= {"seed": seed, "steps": steps, "cfg_scale": cfg_scale, "labels": labels, "schedule": schedule}
     run = {"accelerator": accelerator, "devices": devices, "num_nodes": num_nodes, "precision": precision}
     return sample_on_devices(model, k or model.ks, settings, root, **run)
 
@@ -128,7 +134,8 @@ def sample_on_devices(
         num_nodes=num_nodes,
         precision=precision,
     )
-    lit = LitSampler(model, **{key: settings[key] for key in ("labels", "seed", "steps", "cfg_scale")})
+    keys = ("labels", "seed", "steps", "cfg_scale", "schedule")
+    lit = LitSampler(model, **{key: settings[key] for key in keys})
     data = SampleData(parts, ks, settings["count"], settings["batch_size"])
     trainer.predict(lit, datamodule=data, return_predictions=False)
     # Every rank's parts are on disk before rank zero reads them. Outside the loop: Lightning skips the
