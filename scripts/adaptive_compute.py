@@ -3,11 +3,13 @@
 Methods, all scored like the rest of the experiment (gfd_vltnet and the other vltnet scores of 512
 samples, mean over noise seeds with a t interval, no guidance: w = 1, the guidance sweep's choice):
 
-- fixed K: the plain stage-2 DiT (`--dit`) and a DiT trained for splits (`flow.split_prob`), at every K;
+- fixed K: the stage-2 DiT of `make train-dit` (`--dit`) at every K;
 - per-image K from the class: the adaptive DiT's rows of the main experiment (K_i ~ p(K | class));
 - coarse-to-fine with a fixed schedule (`vlt.objectives.schedule`): each schedule of SCHEDULES capped
-  at K = 16 and 32, on the split-trained DiT (and two of them on the plain DiT, to show what the
-  training switch is for);
+  at K = 16 and 32, on the same DiT, splits drawing the unknown detail from the latents' prior
+  (`flow.split_detail` = 1);
+- two ways without that prior, on ABLATE's schedules at K = 32: splits that leave the detail out
+  (split_detail = 0), and the same on a DiT trained for such splits (`flow.split_prob`);
 - coarse-to-fine with per-image decisions: DECIDE's schedule, each image's final K chosen at time
   DECIDE_AT by a `CoarseDecider` (a curve predictor on the DiT's clean coarse prediction, trained on
   the cache's PSNR curves) for mean budgets DECIDE_BUDGETS.
@@ -24,8 +26,10 @@ import json
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-SCHEDULES = ["4,8@0.2,16@0.4,32@0.6", "4,8@0.3,16@0.5,32@0.7", "4,32@0.3", "8,32@0.5"]
-PLAIN_SCHEDULES = SCHEDULES[:1] + SCHEDULES[2:3]
+SCHEDULES = [
+    "4,8@0.2,16@0.4,32@0.6", "4,8@0.3,16@0.5,32@0.7", "4,8@0.4,16@0.6,32@0.8", "4,32@0.3", "8,32@0.5",
+]  # fmt: skip
+ABLATE = [SCHEDULES[0], SCHEDULES[3]]
 DECIDE, DECIDE_AT, DECIDE_BUDGETS = SCHEDULES[0], 0.4, [16, 24]
 SCORE = "gfd_vltnet"
 NUM_IMAGES = 512
@@ -85,28 +89,30 @@ def measure(plain_ckpt: Path, split_ckpt: Path, latents: Path, out: Path, seeds:
 
     images, labels = read_shard_images(str(ROOT / "data/synthetic/shards/val-*.tar"), NUM_IMAGES, 32, 128)
     images, labels = torch.cat(images), torch.cat(labels)
-    plain, split = vlt.load(str(plain_ckpt)).eval(), vlt.load(str(split_ckpt)).eval()
-    grid = plain.ks
+    plain, blank, split = (vlt.load(str(c)).eval() for c in (plain_ckpt, plain_ckpt, split_ckpt))
+    plain.spec.split_detail = 1.0  # the unknown detail drawn from the latents' prior
+    blank.spec.split_detail = split.spec.split_detail = 0.0  # left out (the split DiT is trained so)
     ev = lambda module, ks, budgets=None: evaluator(ks, seeds, budgets).evaluate(module, images, labels)
     rows = {
-        "fixed-plain": cached(out, "fixed-plain", fresh, lambda: ev(GeneratorBudget(plain), grid)),
-        "fixed-split": cached(out, "fixed-split", fresh, lambda: ev(GeneratorBudget(split), grid)),
+        "fixed": cached(out, "fixed", fresh, lambda: ev(GeneratorBudget(plain), plain.ks)),
+        "fixed-split": cached(out, "fixed-split", fresh, lambda: ev(GeneratorBudget(split), [32])),
     }
     for i, s in enumerate(SCHEDULES):
-        name = f"schedule{i}-split"
-        rows[name] = cached(out, name, fresh, lambda s=s: ev(CoarseToFineBudget(split, s), [16, 32]))
-    for s in PLAIN_SCHEDULES:
-        name = f"schedule{SCHEDULES.index(s)}-plain"
-        rows[name] = cached(out, name, fresh, lambda s=s: ev(CoarseToFineBudget(plain, s), [32]))
-    rule = decider(split, latents, out)
-    module = CoarseToFineBudget(split, DECIDE, at=DECIDE_AT, decider=rule)
-    rows["decided-split"] = cached(
+        name = f"schedule{i}"
+        rows[name] = cached(out, name, fresh, lambda s=s: ev(CoarseToFineBudget(plain, s), [16, 32]))
+    for s in ABLATE:
+        for tag, gen in (("nodetail", blank), ("split", split)):
+            name = f"schedule{SCHEDULES.index(s)}-{tag}"
+            rows[name] = cached(out, name, fresh, lambda s=s, gen=gen: ev(CoarseToFineBudget(gen, s), [32]))
+    rule = decider(plain, latents, out)
+    module = CoarseToFineBudget(plain, DECIDE, at=DECIDE_AT, decider=rule)
+    rows["decided"] = cached(
         out,
-        "decided-split",
+        "decided",
         fresh,
         lambda: [r for r in ev(module, [16, 32], DECIDE_BUDGETS) if r["mode"] != "fixed"],
     )
-    decode = float(split.tokenizer.flops("decode"))
+    decode = float(plain.tokenizer.flops("decode"))
     for method in rows.values():  # DiT FLOPs: the decode is the same once-per-image cost for all
         for row in method:
             row["dit_flops"] = float(row["flops"]) - decode
@@ -125,17 +131,18 @@ def points(rows: list[dict], mode: str | None = None):
 def methods(rows: dict[str, list[dict]], class_rows: list[dict], decode: float) -> dict[str, list]:
     for row in class_rows:
         row["dit_flops"] = float(row["flops"]) - decode
+
+    def ablated(tag: str) -> list:
+        return [p for s in ABLATE for p in points(rows[f"schedule{SCHEDULES.index(s)}-{tag}"])]
+
     return {
-        "fixed K, plain DiT": points(rows["fixed-plain"]),
-        "fixed K, split-trained DiT": points(rows["fixed-split"]),
+        "fixed K": points(rows["fixed"]),
         "per-image K from the class (adaptive DiT)": points(class_rows, "adaptive"),
-        "coarse-to-fine schedule, split-trained DiT": [
-            p for i in range(len(SCHEDULES)) for p in points(rows[f"schedule{i}-split"])
-        ],
-        "coarse-to-fine schedule, plain DiT": [
-            p for s in PLAIN_SCHEDULES for p in points(rows[f"schedule{SCHEDULES.index(s)}-plain"])
-        ],
-        "coarse-to-fine + per-image K decided at t = 0.4": points(rows["decided-split"]),
+        "coarse-to-fine schedule": [p for i in range(len(SCHEDULES)) for p in points(rows[f"schedule{i}"])],
+        f"coarse-to-fine + per-image K decided at t = {DECIDE_AT}": points(rows["decided"]),
+        "coarse-to-fine, no detail prior (split_detail 0)": ablated("nodetail"),
+        "coarse-to-fine, no detail prior, DiT trained for splits": ablated("split"),
+        "fixed K = 32, DiT trained for splits": points(rows["fixed-split"]),
     }
 
 
@@ -163,10 +170,10 @@ def detail_table(rows: dict[str, list[dict]]) -> list[str]:
 def summary_table(fronts: dict[str, list]) -> list[str]:
     from vlt.metrics.pareto import best, equal_quality_saving, gain_at_equal_flops
 
-    reference = fronts["fixed K, plain DiT"]
+    reference = fronts["fixed K"]
     ref = best(reference)
     lines = [
-        f"Reference: the best fixed K of the plain DiT, {SCORE} {show(ref.mean, ref.half)} at "
+        f"Reference: the best fixed K, {SCORE} {show(ref.mean, ref.half)} at "
         f"{ref.flops / 1e9:.3f} DiT GFLOPs/img. Equal quality = a mean within that interval. The gain at "
         "equal FLOPs is the fixed-K curve (interpolated in log FLOPs) minus the method, at the method's "
         "point with the largest gain; significant when it exceeds its half-width.",

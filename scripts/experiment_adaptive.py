@@ -421,7 +421,11 @@ def main() -> None:
     if not args.no_compute:
         split_ckpt = train_dit(
             "conf/dit/tiny.yaml", "dit-tiny-split", ROOT / args.fixed_latents, args.tokenizer, runs_dir,
-            args.fresh, 0, extra=(f"--model.init_args.flow.split_prob={args.split_prob}",),
+            args.fresh, 0,
+            extra=(
+                f"--model.init_args.flow.split_prob={args.split_prob}",
+                "--model.init_args.flow.split_detail=0",
+            ),
         )  # fmt: skip
         lines += ["", *adaptive_compute.phase(ROOT / args.dit, split_ckpt, latents, adaptive_dit[0], out,
                                              args.seeds, args.fresh)]  # fmt: skip

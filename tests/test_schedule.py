@@ -34,23 +34,30 @@ def _cov_z(samples: torch.Tensor, cov: torch.Tensor) -> float:
     return float(((emp - cov).abs() / se).max())
 
 
+@pytest.mark.parametrize("detail", [0.0, 1.0])
 @pytest.mark.parametrize(
     ("pattern", "ka", "kb"),
     [(UNEVEN, 2, 4), (UNEVEN, 2, 8), (UNEVEN, 4, 8), (MergePattern.truncation(8, [3, 6]), 3, 6)],
 )
-def test_split_keeps_the_pooled_noise_marginals_and_merges_back_to_the_parent(pattern, ka, kb):
+def test_split_keeps_the_pooled_noise_marginals_and_merges_back_to_the_parent(pattern, ka, kb, detail):
     s, c, t = 40_000, 1, 0.6
     g = torch.Generator().manual_seed(0)
     z = torch.randn(1, pattern.n, c, generator=g).expand(s, -1, -1)  # one fixed data point
     eps = torch.randn(s, pattern.n, c, generator=g)
     x_a = t * pattern.merge(z, ka) + (1 - t) * pattern.merge(eps, ka)  # (S, Ka, C) a coarse flow state
-    x_b = split_tokens(x_a, t, pattern.gamma(ka), pattern.gbar(kb), torch.randn(s, pattern.n, c, generator=g))
-    # Data: each child sits at its parent's cluster mean (dropped slots at 0).
+    fresh = torch.randn(s, pattern.n, c, generator=g)
+    x_b = split_tokens(x_a, t, pattern.gamma(ka), pattern.gbar(kb), fresh, detail)
+    # Data: each child sits at its parent's cluster mean (dropped slots at 0), plus the drawn detail.
     parent = pattern.merge(pattern.unmerge(pattern.merge(z, ka)), kb)  # (S, Kb, C)
-    noise = (x_b - t * parent)[..., 0] / (1 - t)  # (S, Kb)
+    rest = (x_b - t * parent)[..., 0]  # (S, Kb)
     gbar = pattern.gbar(kb).double()
-    assert _cov_z(noise, gbar.T @ gbar) < 4.5  # Cov of Gbar^T eps: diag(1 / m_l)
-    assert float(noise.mean(0).abs().max()) < 4.5 / s**0.5
+    p = (pattern.gamma(ka) @ pattern.gbar(ka).T).double()  # (N, N) the coarse projector
+    # Cov of (1 - t) Gbar^T eps (the fine pooled noise, diag(1 / m_l)) + t sigma Gbar^T (I - P) xi.
+    cov = (1 - t) ** 2 * gbar.T @ gbar + (t * detail) ** 2 * gbar.T @ (
+        torch.eye(pattern.n).double() - p
+    ) @ gbar
+    assert _cov_z(rest, cov) < 4.5
+    assert float(rest.mean(0).abs().max()) < 4.5 / s**0.5
     # The split never moves the coarse state: the children merge back to the parent exactly.
     back = pattern.merge(pattern.unmerge(x_b), ka)
     assert torch.allclose(back, x_a, atol=1e-5)

@@ -35,6 +35,7 @@ from vlt.models.tokenizer import TokenizerConfig
 from vlt.nn.compile import compile_blocks
 from vlt.nn.lora import lora_parameters
 from vlt.objectives.flow import FlowSpec
+from vlt.objectives.schedule import orthogonal_part
 from vlt.specs import LoRASpec, OptimSpec, param_groups
 from vlt.stages import AdaptiveSamples, LatentGenerator, load
 from vlt.stages.export import build_generator
@@ -215,9 +216,11 @@ class LitDiT(L.LightningModule):
         coarser = [a for a in gen.ks if a < k]
         if not (train and spec.split_prob > 0 and coarser):
             return gen.flow.training_losses(gen.dit, x1, y, gbar, sizes)
-        # Coarse-to-fine training: the split came from a coarser level of the pattern, drawn per step.
+        # Coarse-to-fine training: the split came from a coarser level of the pattern, drawn per step;
+        # its state holds the parents' means plus the detail the sampler draws (`split_detail`).
         a = coarser[int(torch.randint(len(coarser), ()))]
-        parent = gen.pattern.merge(gen.pattern.unmerge(gen.pattern.merge(z, a)), k)  # (B, K, C)
+        drawn = spec.split_detail * orthogonal_part(torch.randn_like(z), gen.pattern.gamma(a).to(z))
+        parent = gen.pattern.merge(gen.pattern.unmerge(gen.pattern.merge(z, a)) + drawn, k)  # (B, K, C)
         path = gen.flow.split_noisy(x1, parent, gbar, spec.split_prob, spec.split_max_t)
         return gen.flow.velocity_loss(gen.dit(path.x_t, path.t, y, gbar, sizes), path.target, sizes)
 

@@ -45,6 +45,9 @@ class FlowSpec:
             that split its tokens at a time s < min(t, split_max_t) (`vlt.objectives.schedule`): what
             a DiT needs to fill in the detail after a split. 0 = plain flow matching.
         split_max_t: latest split time trained for (the target grows as s / (1 - s)).
+        split_detail: sigma of a coarse-to-fine sampler's splits: the prior std of the data detail a
+            split does not know (`vlt.objectives.schedule.split_tokens`; 0: children start at the
+            parent's mean, 1: the normalised latents' unit variance).
         noise: starting noise of the sampler: "pooled" (Gbar^T eps, variance 1/m_j: what vlt trains
             with) or "plain" (N(0, I_K): the reference's `legacy_sampling`, for its LoRA files).
         guidance: "per_position" (scale 1 + (w - 1)/m_j per token) or "uniform" (w everywhere: the
@@ -61,6 +64,7 @@ class FlowSpec:
     cfg_interval: tuple[float, float] | None = None
     split_prob: float = 0.0
     split_max_t: float = 0.7
+    split_detail: float = 1.0
     noise: Literal["pooled", "plain"] = "pooled"
     guidance: Literal["per_position", "uniform"] = "per_position"
 
@@ -72,10 +76,10 @@ class FlowSpec:
             )
         if self.sampler not in SAMPLERS:
             raise ValueError(f"unknown sampler {self.sampler!r}; choose one of {SAMPLERS}")
-        if not 0 <= self.split_prob <= 1 or not 0 < self.split_max_t < 1:
+        if not 0 <= self.split_prob <= 1 or not 0 < self.split_max_t < 1 or self.split_detail < 0:
             raise ValueError(
-                f"need 0 <= split_prob <= 1 and 0 < split_max_t < 1, got split_prob={self.split_prob}, "
-                f"split_max_t={self.split_max_t}"
+                f"need 0 <= split_prob <= 1, 0 < split_max_t < 1 and split_detail >= 0, got split_prob="
+                f"{self.split_prob}, split_max_t={self.split_max_t}, split_detail={self.split_detail}"
             )
         if self.timestep_shift <= 0:
             raise ValueError(f"timestep_shift must be positive, got {self.timestep_shift}")
@@ -322,7 +326,7 @@ class RectifiedFlow:
         grid: Sequence[float], method: str = "euler", guide: Guide | None = None, x: Tensor | None = None,
         start: int = 0, stop: int | None = None, generator: torch.Generator | None = None,
         channels: int | None = None, noise: Tensor | None = None, split_noise: Sequence[Tensor] = (),
-        noise_kind: Literal["pooled", "plain"] = "pooled",
+        noise_kind: Literal["pooled", "plain"] = "pooled", split_detail: float = 1.0,
     ) -> Tensor:  # fmt: skip
         """Steps `start`..`stop` of `grid`, step i at K = step_ks[i]; where K grows the state splits into
         the finer level's tokens (`vlt.objectives.schedule.split_tokens`, fresh noise from `split_noise`
@@ -349,7 +353,8 @@ class RectifiedFlow:
                     if eps is None:
                         n = levels[k].gbar.shape[-2]
                         eps = draw_split_noise(x.shape[0], n, c, 1, generator, x.device)[0]
-                    x = split_tokens(x, t0, levels[x.shape[1]].gamma, levels[k].gbar.to(x), eps)
+                    gamma, gbar = levels[x.shape[1]].gamma, levels[k].gbar.to(x)
+                    x = split_tokens(x, t0, gamma, gbar, eps, split_detail)
                 level = levels[k]
                 v0 = self._velocity(model, x, t0, y, level.gbar, level.sizes, guide)  # (B, K, C)
                 if method == "heun":

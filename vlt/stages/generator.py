@@ -186,7 +186,7 @@ class LatentGenerator(nn.Module):
             self.dit, y=self.labels(labels.to(self.latent_mean.device)), levels=self.levels(schedule.ks),
             step_ks=schedule.ks_per_step(grid), grid=grid, method=spec.sampler,
             guide=self._guide(scale), generator=generator, noise=noise, split_noise=split_noise,
-            noise_kind=spec.noise,
+            noise_kind=spec.noise, split_detail=spec.split_detail,
         )  # fmt: skip
         return self.denormalise(x)  # (B, K, C)
 
@@ -268,6 +268,7 @@ class LatentGenerator(nn.Module):
         scale = self.spec.scale_at(schedule.final_k) if cfg_scale is None else cfg_scale
         guide, y = self._guide(scale), self.labels(labels.to(device))
         run = dict(levels=levels, grid=grid, method=self.spec.sampler, guide=guide, generator=generator)
+        run["split_detail"] = self.spec.split_detail
         x = self.flow.integrate(self.dit, y=y, step_ks=step_ks, stop=stop, **run)  # (B, Kd, C)
         kd, t = x.shape[1], grid[stop]
         if getattr(decide, "k", kd) != kd:
