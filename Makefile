@@ -137,7 +137,7 @@ train-dit-adaptive: $(STAMP) $(FEATURES) $(ADAPTIVE)/done-train-r0.json ## stage
 	test -f $(ADAPTIVE)/allocation.json || $(BIN)/vlt allocate --cache $(ADAPTIVE) --budget $(BUDGET) --distortion $(DISTORTION)
 	$(call launch,fit -c $(or $(CONFIG),conf/dit/tiny-adaptive.yaml) --latents=$(ADAPTIVE) --model.init_args.tokenizer=$(TOKENIZER))
 
-experiment-adaptive: $(STAMP) $(FEATURES) $(TOKENIZER) $(DIT) ## adaptive vs fixed K, stages 1+2, tables + figures (CPU, ~30 min)
+experiment-adaptive: $(STAMP) $(FEATURES) $(TOKENIZER) $(DIT) ## adaptive vs fixed K (stages 1+2) and coarse-to-fine sampling vs FLOPs, tables + figures (CPU, ~60 min)
 	$(BIN)/python scripts/experiment_adaptive.py --tokenizer $(TOKENIZER) --dit $(DIT) --latents $(ADAPTIVE) \
 		--distortion $(DISTORTION) $(ARGS)
 
