@@ -82,12 +82,7 @@ def sample(
             noise): the images of each K follow it capped at K (`vlt.objectives.schedule`); best with a
             DiT trained for splits (`flow.split_prob`).
     """
-    if budget is not None and k is not None:
-        raise ValueError("pass either --k (every image at each K) or --budget (one K per image), not both")
-    if schedule is not None and budget is not None:
-        raise ValueError("--schedule samples at each --k; --budget (one K per image) does not take it")
-    if count < 1 or batch_size < 1:
-        raise ValueError(f"--count and --batch-size must be >= 1, got {count} and {batch_size}")
+    _check_arguments(k, budget, schedule, count, batch_size)
     model = load(dit, part="generator")
     if tokenizer is not None:
         swap_tokenizer(model, tokenizer)
@@ -101,6 +96,17 @@ def sample(
     settings |= {"seed": seed, "steps": steps, "cfg_scale": cfg_scale, "labels": labels, "schedule": schedule}
     run = {"accelerator": accelerator, "devices": devices, "num_nodes": num_nodes, "precision": precision}
     return sample_on_devices(model, k or model.ks, settings, root, **run)
+
+
+def _check_arguments(
+    k: list[int] | None, budget: float | None, schedule: str | None, count: int, batch_size: int
+) -> None:
+    if budget is not None and k is not None:
+        raise ValueError("pass either --k (every image at each K) or --budget (one K per image), not both")
+    if schedule is not None and budget is not None:
+        raise ValueError("--schedule samples at each --k; --budget (one K per image) does not take it")
+    if count < 1 or batch_size < 1:
+        raise ValueError(f"--count and --batch-size must be >= 1, got {count} and {batch_size}")
 
 
 def sample_on_devices(
