@@ -140,8 +140,10 @@ def test_per_image_decisions_keep_order_labels_and_noise():
     # Everyone at the final K is the plain schedule (same noise in the same order).
     full = gen.generate(labels, sched, generator=torch.Generator().manual_seed(5))
     assert torch.allclose(alone.images, full, atol=1e-5)
-    with pytest.raises(ValueError, match="allowed: levels >= 8"):
+    with pytest.raises(ValueError, match=r"allowed: \[8, 16, 32\]"):
         gen.generate_decided(labels, sched, lambda t, y: torch.full((len(y),), 4), 0.4)
+    with pytest.raises(ValueError, match=r"allowed: \[8, 16\]"):  # never above the schedule's final K
+        gen.generate_decided(labels, "4,8@0.2,16@0.5", lambda t, y: torch.full((len(y),), 32), 0.4)
 
 
 def test_the_coarse_decider_learns_curves_and_applies_its_rules():

@@ -257,9 +257,9 @@ class LatentGenerator(nn.Module):
         The batch follows `schedule` up to flow time `at`; there one more (conditional) DiT call
         predicts each image's clean coarse tokens x1 = x_t + (1 - t) v, and `decide(tokens, labels)`
         (tokens (B, Kd, C) in the latent space) returns each image's final K (B,) among the levels
-        of this generator, no lower than the current one. Each K's group then follows the schedule
-        capped at its K (`KSchedule.capped`), and is decoded. Images come back in the order of the
-        labels, with the K each got and its FLOPs (`decided_flops`).
+        of this generator from the current one to the schedule's final K. Each K's group then
+        follows the schedule capped at its K (`KSchedule.capped`), and is decoded. Images come back
+        in the order of the labels, with the K each got and its FLOPs (`decided_flops`).
         """
         schedule, device = self.schedule(schedule), self.latent_mean.device
         grid = time_grid(self.spec.sample_steps, self.spec.timestep_shift)
@@ -277,9 +277,10 @@ class LatentGenerator(nn.Module):
             )
         velocity = self.dit(x, torch.full((len(x),), t, device=device), y, levels[kd].gbar, levels[kd].sizes)
         ks = decide(self.denormalise(x + (1 - t) * velocity), labels).cpu().long()  # (B,)
-        if not set(ks.tolist()) <= {k for k in self.ks if k >= kd}:
+        allowed = [k for k in self.ks if kd <= k <= schedule.final_k]
+        if not set(ks.tolist()) <= set(allowed):
             raise ValueError(
-                f"decide gave K={sorted(set(ks.tolist()))}; allowed: levels >= {kd} of {self.ks}"
+                f"decide gave K={sorted(set(ks.tolist()))}; allowed: {allowed} (from K={kd} to {schedule})"
             )
         # The later splits' noise is drawn for the whole batch, so an image's noise does not depend
         # on which group it lands in (a capped schedule splits at a prefix of the same times).
