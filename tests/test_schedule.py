@@ -46,7 +46,7 @@ def test_split_keeps_the_pooled_noise_marginals_and_merges_back_to_the_parent(pa
     eps = torch.randn(s, pattern.n, c, generator=g)
     x_a = t * pattern.merge(z, ka) + (1 - t) * pattern.merge(eps, ka)  # (S, Ka, C) a coarse flow state
     fresh = torch.randn(s, pattern.n, c, generator=g)
-    x_b = split_tokens(x_a, t, pattern.gamma(ka), pattern.gbar(kb), fresh, detail)
+    x_b = split_tokens(x_a, t, pattern.gbar(ka), pattern.gbar(kb), fresh, detail)
     # Data: each child sits at its parent's cluster mean (dropped slots at 0), plus the drawn detail.
     parent = pattern.merge(pattern.unmerge(pattern.merge(z, ka)), kb)  # (S, Kb, C)
     rest = (x_b - t * parent)[..., 0]  # (S, Kb)

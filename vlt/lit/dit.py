@@ -219,7 +219,7 @@ class LitDiT(L.LightningModule):
         # Coarse-to-fine training: the split came from a coarser level of the pattern, drawn per step;
         # its state holds the parents' means plus the detail the sampler draws (`split_detail`).
         a = coarser[int(torch.randint(len(coarser), ()))]
-        drawn = spec.split_detail * orthogonal_part(torch.randn_like(z), gen.pattern.gamma(a).to(z))
+        drawn = spec.split_detail * orthogonal_part(torch.randn_like(z), gen.pattern.gbar(a).to(z))
         parent = gen.pattern.merge(gen.pattern.unmerge(gen.pattern.merge(z, a)) + drawn, k)  # (B, K, C)
         path = gen.flow.split_noisy(x1, parent, gbar, spec.split_prob, spec.split_max_t)
         return gen.flow.velocity_loss(gen.dit(path.x_t, path.t, y, gbar, sizes), path.target, sizes)

@@ -181,12 +181,11 @@ def token_weights(sizes: Tensor) -> Tensor:
 
 
 class Level(NamedTuple):
-    """One K of a sampler: column-normalised assignment gbar (N, K) or (B, N, K), sizes (K,) or (B, K),
-    and the one-hot gamma (N, K) that a split out of this level needs (None: never split from)."""
+    """One K of a sampler: column-normalised assignment gbar (N, K) (or (B, N, K) for a level that is
+    never split) and sizes (K,) or (B, K)."""
 
     gbar: Tensor
     sizes: Tensor
-    gamma: Tensor | None = None
 
 
 class Guide(NamedTuple):
@@ -353,8 +352,8 @@ class RectifiedFlow:
                     if eps is None:
                         n = levels[k].gbar.shape[-2]
                         eps = draw_split_noise(x.shape[0], n, c, 1, generator, x.device)[0]
-                    gamma, gbar = levels[x.shape[1]].gamma, levels[k].gbar.to(x)
-                    x = split_tokens(x, t0, gamma, gbar, eps, split_detail)
+                    coarse, fine = levels[x.shape[1]].gbar.to(x), levels[k].gbar.to(x)
+                    x = split_tokens(x, t0, coarse, fine, eps, split_detail)
                 level = levels[k]
                 v0 = self._velocity(model, x, t0, y, level.gbar, level.sizes, guide)  # (B, K, C)
                 if method == "heun":

@@ -139,17 +139,17 @@ class KSchedule:
 
 
 def split_tokens(
-    x: Tensor, t: float, gamma_a: Tensor, gbar_b: Tensor, eps: Tensor, detail: float = 1.0
+    x: Tensor, t: float, gbar_a: Tensor, gbar_b: Tensor, eps: Tensor, detail: float = 1.0
 ) -> Tensor:
     """Coarse state x (B, Ka, C) at flow time t -> fine state (B, Kb, C) (see the module docstring).
 
-    gamma_a: (N, Ka) one-hot of the coarse level (zero rows for dropped slots); gbar_b: (N, Kb)
-    column-normalised assignment of a finer nested level; eps: (B, N, C) fresh N(0, 1) noise;
+    gbar_a, gbar_b: (N, Ka), (N, Kb) column-normalised assignments of the coarse level (zero rows
+    for dropped slots) and of a finer nested level; eps: (B, N, C) fresh N(0, 1) noise;
     detail: sigma, the prior std of the unknown data detail (0: children start at the parent's mean).
     """
     spread = ((1.0 - t) ** 2 + (t * detail) ** 2) ** 0.5  # r: the missing noise and the missing data
-    detail = orthogonal_part(eps.to(x), gamma_a)  # (B, N, C): (I - P) eps
-    return merge(unmerge(x, gamma_a) + spread * detail, gbar_b)  # (B, Kb, C)
+    detail = orthogonal_part(eps.to(x), gbar_a)  # (B, N, C): (I - P) eps
+    return merge(unmerge(x, (gbar_a > 0).to(x)) + spread * detail, gbar_b)  # (B, Kb, C)
 
 
 def split_path(x1: Tensor, parent: Tensor, eps: Tensor, t: Tensor, s: Tensor) -> tuple[Tensor, Tensor]:
@@ -165,10 +165,9 @@ def split_path(x1: Tensor, parent: Tensor, eps: Tensor, t: Tensor, s: Tensor) ->
     return x_t, x1 - eps + s / (1 - s) * detail
 
 
-def orthogonal_part(v: Tensor, gamma_a: Tensor) -> Tensor:
-    """(I - P) v for v (B, N, C): what a coarse level (one-hot gamma_a (N, Ka)) does not see."""
-    gbar_a = gamma_a / gamma_a.sum(0, keepdim=True).clamp_min(1e-12)  # (N, Ka)
-    return v - unmerge(merge(v, gbar_a), gamma_a)
+def orthogonal_part(v: Tensor, gbar_a: Tensor) -> Tensor:
+    """(I - P) v for v (B, N, C): what a coarse level (column-normalised gbar_a (N, Ka)) does not see."""
+    return v - unmerge(merge(v, gbar_a), (gbar_a > 0).to(v))  # Gamma_a = the support of Gbar_a
 
 
 def draw_split_noise(

@@ -157,7 +157,7 @@ class LatentGenerator(nn.Module):
         """The sampler's view of levels `ks` of the pattern, on the generator's device."""
         device = self.latent_mean.device
         p = self.pattern
-        return {k: Level(p.gbar(k).to(device), p.sizes(k).to(device), p.gamma(k).to(device)) for k in ks}
+        return {k: Level(p.gbar(k).to(device), p.sizes(k).to(device)) for k in ks}
 
     @torch.no_grad()
     def generate_latents(

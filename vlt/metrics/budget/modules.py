@@ -15,6 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from vlt.metrics.budget.scorer import SetScorer
+from vlt.objectives.schedule import KSchedule
 
 Task = Literal["reconstruct", "generate"]
 
@@ -100,7 +101,7 @@ class CoarseToFineBudget(GeneratorBudget):
     def __init__(
         self,
         generator: nn.Module,
-        schedule: Any,
+        schedule: KSchedule | str,
         *,
         at: float | None = None,
         decider: Callable[[float], Callable[[Tensor, Tensor], Tensor]] | None = None,
