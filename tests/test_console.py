@@ -42,6 +42,8 @@ def test_fit_on_a_pipe_prints_progress_lines_and_a_summary_without_third_party_n
     assert "next: make train-dit TOKENIZER=" in run.stdout
     for noise in ("💡", "LeafSpec", "srun", "| Name ", "\r"):
         assert noise not in out, noise
+    third_party = [line for line in out.splitlines() if "site-packages" in line and "Warning: " in line]
+    assert not third_party, third_party  # a new dependency warning is filtered by name or fixed
     # The panels beside the run: tiles of at least 128 px, one row per K plus the input row.
     recon = np.asarray(Image.open(tmp_path / "tok" / "panels" / "reconstructions.png"))
     assert recon.shape[0] >= 5 * 128 and recon.shape[1] >= 8 * 128

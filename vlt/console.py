@@ -31,6 +31,11 @@ HARMLESS_WARNINGS: list[tuple[str, type[Warning], str]] = [
     (r".*LightningCLI's args parameter", UserWarning, "vlt passes argv to LightningCLI on purpose"),
     (r".*skip_none parameter was deprecated", Warning, "jsonargparse internals called by Lightning"),
     (r".*is smaller than the logging interval", UserWarning, "short tiny runs log less often than asked"),
+    (
+        r".*WeightAveraging callback with a model that overrides the configure_model",
+        UserWarning,
+        "vlt's configure_model only compiles blocks in place (`compile`); it never shards the model",
+    ),
 ]
 # Log records (Lightning's info lines) that advertise services rather than report on the run.
 HARMLESS_LOG_PREFIXES: tuple[str, ...] = ("💡 Tip:",)
