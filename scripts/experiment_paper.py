@@ -17,6 +17,9 @@ Phases, each skipped when its output exists (--fresh redoes them); results.md is
    the per-training-seed means, and Welch's t-test of LGM against nested dropout at each K.
 5. Table 3 / 4: stage-1 PSNR, rfd_vltnet and merged-pair vs all-pair cosine of the tokenizers and the
    ablations of LGM (no alignment loss, 4 merge blocks, no exploration noise) at equal steps.
+6. With --why: does the LGM - nested gap depend on the generator's capacity? Seed-0 DiTs on both
+   tokenizers trained twice as long and 1.5x as wide (WHY_VARIANTS), scored as Table 1 at w = 1 beside
+   the base DiTs, with Welch's test of LGM against nested dropout and of each variant against the base.
 """
 
 from __future__ import annotations
@@ -50,6 +53,10 @@ TOKENIZERS = {  # name -> overrides of conf/tokenizer/tiny.yaml
     "lgm-no-noise": ["--model.init_args.merge.noise=0.0"],
 }
 GENERATORS = ("lgm", "nested")
+WHY_VARIANTS = {  # name -> overrides of conf/dit/tiny.yaml (base: 3000 steps, width 128, depth 4)
+    "steps x2": ["--trainer.max_steps=6000"],
+    "width x1.5": ["--model.init_args.dit.width=192"],
+}
 SAMPLERS = {  # FlowSpec fields of each sampler the sweep compares
     "paper": {"sample_steps": 24, "timestep_shift": 0.3, "cfg_interval": (0.1, 1.0)},
     "uniform": {"sample_steps": 25, "timestep_shift": 1.0, "cfg_interval": None},
@@ -353,6 +360,7 @@ def parse() -> argparse.Namespace:
     parser.add_argument("--sweep-images", type=int, default=256, help="samples per (K, w) in the sweep")
     parser.add_argument("--images", type=int, default=512, help="samples per (K, w, seed) in Table 1")
     parser.add_argument("--ablations", action=argparse.BooleanOptionalAction, default=True)
+    parser.add_argument("--why", action="store_true", help="phase 6: DiT capacity variants (~60 min)")
     parser.add_argument("--fresh", action="store_true")
     parser.add_argument(
         "--reuse",
@@ -522,6 +530,66 @@ def main() -> None:
     toks |= {n: tokenizer(n) for n in names if n not in toks}
     s1 = {n: stage1(ckpt, n, out, args.fresh) for n, ckpt in toks.items()}
     report.add("stage1", table34(s1), s1)
+    if args.why:
+        base = {n: table[n][0] for n in GENERATORS}
+        report.add("why", *why_study(args, toks, latents, runs, out, sampler, base))
+
+
+def why_study(args, toks, latents, runs: Path, out: Path, sampler: str, base: dict[str, list[list[dict]]]):
+    """Phase 6: the seed-0 DiT of each tokenizer against WHY_VARIANTS of it, every one scored at w = 1
+    over the noise seeds. Returns (results.md lines, the rows)."""
+    rows: dict[str, dict[str, list[list[dict]]]] = {"base": base}
+    for variant, overrides in WHY_VARIANTS.items():
+        rows[variant] = {}
+        for n in GENERATORS:
+            tag = variant.replace(" ", "").replace(".", "")
+            extra = [
+                f"--latents={latents[n]}",
+                f"--model.init_args.tokenizer={toks[n]}",
+                "--seed_everything=0",
+            ]
+            ckpt = fit("conf/dit/tiny.yaml", f"dit-{n}-{tag}", runs, extra + overrides, args.fresh)
+            model = load_dit(ckpt, sampler)
+            rows[variant][n] = [
+                with_suffix(stage2(model, latents[n], f"why-{n}-{tag}-noise{z}", out, args.fresh,
+                                   cfg_scales=[1.0], num_images=args.images, seed=z, replicates=0))
+                for z in range(args.noise_seeds)
+            ]  # fmt: skip
+    name = f"{PRIMARY}_w1"
+    lines = [
+        f"## Why: the generator's capacity (seed-0 DiTs, {PRIMARY} at w = 1, {args.images} samples, "
+        f"mean ± 95% t-interval over {args.noise_seeds} noise seeds)",
+        "",
+        "Variants of conf/dit/tiny.yaml (3000 steps, width 128, depth 4): "
+        + "; ".join(f"{v}: {' '.join(o)}" for v, o in WHY_VARIANTS.items())
+        + ". `*`: p < 0.05 (Welch).",
+        "",
+        "| DiT | tokenizer | " + " | ".join(f"K={k}" for k in KS) + " |",
+        "|---|---|" + "---|" * len(KS),
+    ]
+    for variant, by_tok in rows.items():
+        for n in GENERATORS:
+            cells = [interval(values({0: by_tok[n]}, k, name)) for k in KS]
+            if variant != "base":  # the change against the base DiT of the same tokenizer
+                cells = [
+                    f"{c} ({_welch_cell(values({0: by_tok[n]}, k, name), values({0: base[n]}, k, name))})"
+                    for c, k in zip(cells, KS)
+                ]
+            lines.append(f"| {variant} | {n} | " + " | ".join(cells) + " |")
+        gap = [difference({g: {0: by_tok[g]} for g in GENERATORS}, k, name, 1.0) for k in KS]
+        lines.append(f"| {variant} | LGM − nested | " + " | ".join(gap) + " |")
+    lines += [
+        "",
+        "In brackets: the change against the base DiT on the same tokenizer, ± its Welch half-width.",
+    ]
+    return lines, rows
+
+
+def _welch_cell(a: list[float], b: list[float]) -> str:
+    if len(a) < 2 or len(b) < 2:
+        return "-"
+    d, half, p = welch(a, b)
+    return f"{d:+.2f} ± {half:.2f}{' *' if p < 0.05 else ''}"
 
 
 if __name__ == "__main__":
