@@ -36,6 +36,11 @@ HARMLESS_WARNINGS: list[tuple[str, type[Warning], str]] = [
         UserWarning,
         "vlt's configure_model only compiles blocks in place (`compile`); it never shards the model",
     ),
+    (
+        r".*module\(s\) in eval mode at the start of training",
+        UserWarning,
+        "frozen parts (the joint fine-tune's alignment target, feature nets) stay in eval mode by design",
+    ),
 ]
 # Log records (Lightning's info lines) that advertise services rather than report on the run.
 HARMLESS_LOG_PREFIXES: tuple[str, ...] = ("💡 Tip:",)
