@@ -20,6 +20,7 @@ from vlt.models.tokenizer import TokenizerConfig
 from vlt.objectives.adversarial import (
     AdversarialLoss,
     LeCam,
+    SNConv1d,
     adaptive_weight,
     hinge_d_loss,
     hinge_g_loss,
@@ -70,6 +71,20 @@ def test_lecam_matches_hand_values_and_keeps_its_ema_as_state():
     assert torch.equal(lecam.ema_real, before)  # no update outside training
 
 
+def test_spectral_norm_divides_by_the_largest_singular_value_and_keeps_u_as_state():
+    conv = SNConv1d(6, 4, 3)
+    for _ in range(30):  # power iterations, one per training forward
+        conv(torch.randn(2, 6, 5))
+    exact = torch.linalg.matrix_norm(conv.weight.detach().flatten(1), ord=2)
+    assert conv.sigma().item() == pytest.approx(exact.item(), rel=1e-4)
+    x = torch.randn(2, 6, 5)
+    plain = F.conv1d(F.pad(x, (1, 1), mode="circular"), conv.weight / exact, conv.bias)
+    torch.testing.assert_close(conv.eval()(x), plain, atol=1e-5, rtol=1e-4)
+    copy = SNConv1d(6, 4, 3)
+    copy.load_state_dict(conv.state_dict())
+    assert torch.equal(copy.u, conv.u) and not list(conv.named_buffers())
+
+
 def test_adaptive_weight_is_the_ratio_of_last_layer_gradient_norms():
     w = torch.tensor([1.0, -2.0], requires_grad=True)
     a, b = torch.tensor([3.0, 4.0]), torch.tensor([0.6, 0.8])
@@ -90,7 +105,8 @@ def test_backbone_is_frozen_outside_the_state_and_heads_train(tmp_path):
     assert not any(p.requires_grad for p in backbone.parameters())
     names = set(adv.state_dict())
     assert not any("pos_embed" in n or "blocks" in n for n in names)  # never in a checkpoint
-    assert {"lecam.ema_real", "lecam.ema_fake"} <= names
+    assert {"lecam._extra_state", "disc.heads.0.out._extra_state"} <= names  # LeCam EMA, SN vector u
+    assert not list(adv.named_buffers())  # DDP would broadcast buffers at every forward, validation included
     assert {id(p) for p in adv.parameters()}.isdisjoint(id(p) for p in backbone.parameters())
     opt = torch.optim.AdamW(adv.parameters(), lr=1e-2)
     x, conv = torch.rand(4, 3, 32, 32) * 2 - 1, torch.nn.Conv2d(3, 3, 3, padding=1)
@@ -291,16 +307,17 @@ def test_vlt_fit_with_the_discriminator_checkpoints_and_resumes(tmp_path, tiny_s
     last = tmp_path / "gan" / "checkpoints" / "last.ckpt"
     first = torch.load(last, map_location="cpu", weights_only=True)
     current = first["current_model_state"]  # EMA on: the training weights beside the average
-    assert first["global_step"] == 4 and current["adversarial.lecam.ema_real"] != 0
+    assert first["global_step"] == 4 and current["adversarial.lecam._extra_state"].abs().min() > 0
     trainable = [p for p in LitTokenizer.load_from_checkpoint(last).parameters() if p.requires_grad]
     assert len(first["optimizer_states"][0]["state"]) == len(trainable)  # the heads' AdamW state too
     vlt([*args, "--trainer.max_steps=6", "--ckpt_path=last"])
     resumed = torch.load(last, map_location="cpu", weights_only=True)
     assert resumed["global_step"] == 6
     later = resumed["current_model_state"]
-    assert not torch.equal(later["adversarial.lecam.ema_real"], current["adversarial.lecam.ema_real"])
+    ema = "adversarial.lecam._extra_state"
+    assert not torch.equal(later[ema], current[ema])
     model = LitTokenizer.load_from_checkpoint(last)
-    assert torch.equal(model.adversarial.lecam.ema_fake, resumed["state_dict"]["adversarial.lecam.ema_fake"])
+    assert torch.equal(model.adversarial.lecam.ema, resumed["state_dict"][ema])
     from vlt import load as vlt_load
 
     assert vlt_load(str(last)).reconstruct(torch.zeros(1, 3, 32, 32), 8).shape == (1, 3, 32, 32)

@@ -8,7 +8,8 @@ gives patch features at its embedding and after four evenly spaced blocks (2, 5,
 small trainable head per layer (spectral-normalised 1D convolutions over the patch raster, batch
 statistics over groups of 8 images, leaky ReLU, a residual kernel-9 conv) turns them into logits, one per
 patch and layer. The backbone is held outside `state_dict` (never in a checkpoint, shared by deep
-copies such as an EMA average); the heads and LeCam's running means are ordinary state and resume.
+copies such as an EMA average); the heads and LeCam's running means are in `state_dict` and resume. The
+module has no buffers (its running vectors are extra state), so DDP has nothing to broadcast per forward.
 
 One training step (`AdversarialLoss`): the generator term -mean D(x_hat) with a fixed weight, or, with
 `adaptive`, VQGAN's balance of last-layer gradient norms; the discriminator term
@@ -29,10 +30,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.nn.utils.parametrizations import spectral_norm
 
 from vlt.models.align import frozen_params
-from vlt.models.dino import DINO_SIZES, DinoViT
+from vlt.models.dino import DINO_SIZES, DinoSize, DinoViT
 
 
 def hinge_d_loss(real: Tensor, fake: Tensor) -> Tensor:
@@ -56,25 +56,74 @@ def adaptive_weight(recon_loss: Tensor, g_loss: Tensor, last_layer: Tensor) -> T
 class LeCam(nn.Module):
     """LeCam regulariser (Tseng et al., 2021): mean relu(real - ema_fake)^2 + mean relu(ema_real - fake)^2.
 
-    ema_real / ema_fake are exponential moving averages (decay `decay`, from 0) of the mean real and
-    fake logits, updated in training mode before the term is computed (as the reference does); they are
-    buffers, so they checkpoint and resume.
+    ema_real / ema_fake are exponential moving averages (decay `decay`, from 0) of the mean real and fake
+    logits, updated in training mode before the term is computed (as the reference does), from this
+    process's logits. They are the module's extra state: in its state_dict (so they checkpoint and
+    resume) but not buffers (see `SNConv1d` for why).
     """
 
     def __init__(self, decay: float = 0.999) -> None:
         super().__init__()
         self.decay = decay
-        self.register_buffer("ema_real", torch.zeros(()))
-        self.register_buffer("ema_fake", torch.zeros(()))
+        self.ema = torch.zeros(2)  # (real, fake)
+
+    @property
+    def ema_real(self) -> Tensor:
+        return self.ema[0]
+
+    @property
+    def ema_fake(self) -> Tensor:
+        return self.ema[1]
 
     def forward(self, real: Tensor, fake: Tensor) -> Tensor:
         """real, fake: logits of any shape -> scalar."""
         real, fake = real.float(), fake.float()
         if self.training:
-            with torch.no_grad():
-                self.ema_real.lerp_(real.mean(), 1 - self.decay)
-                self.ema_fake.lerp_(fake.mean(), 1 - self.decay)
-        return F.relu(real - self.ema_fake).square().mean() + F.relu(self.ema_real - fake).square().mean()
+            means = torch.stack([real.mean(), fake.mean()]).detach()
+            self.ema = torch.lerp(self.ema.to(means.device), means, 1 - self.decay)
+        ema = self.ema.to(real.device)
+        return F.relu(real - ema[1]).square().mean() + F.relu(ema[0] - fake).square().mean()
+
+    def get_extra_state(self) -> Tensor:
+        return self.ema.detach().clone()  # a tensor, as every other state_dict value
+
+    def set_extra_state(self, state: Tensor) -> None:
+        self.ema = state.detach().clone()
+
+
+class SNConv1d(nn.Conv1d):
+    """A 1D conv whose weight is divided by its largest singular value (spectral normalisation, Miyato et
+    al. 2018), estimated by one power iteration per training forward, with circular padding.
+
+    The iteration vector u (out channels,) is extra state, not a buffer: DDP broadcasts module buffers
+    at every forward, validation included, where ranks may see unequal batch counts (and would hang or
+    crash). u starts from a fixed seed, so every process computes the same u from the same weights.
+    """
+
+    def __init__(self, c_in: int, c_out: int, kernel: int) -> None:
+        super().__init__(c_in, c_out, kernel, padding=kernel // 2, padding_mode="circular")
+        self.u = F.normalize(torch.randn(c_out, generator=torch.Generator().manual_seed(0)), dim=0)
+
+    def sigma(self) -> Tensor:
+        """The weight's largest singular value (differentiable in the weight; u and v held fixed)."""
+        w = self.weight.flatten(1)  # (out, in * kernel)
+        with torch.no_grad():
+            u = self.u.to(w.device, w.dtype)
+            v = F.normalize(w.T @ u, dim=0)
+            if self.training:
+                u = F.normalize(w @ v, dim=0)
+                v = F.normalize(w.T @ u, dim=0)
+                self.u = u
+        return u @ w @ v
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self._conv_forward(x, self.weight / self.sigma(), self.bias)
+
+    def get_extra_state(self) -> Tensor:
+        return self.u.detach().clone()
+
+    def set_extra_state(self, state: Tensor) -> None:
+        self.u = state.detach().clone()
 
 
 class LocalBatchNorm(nn.Module):
@@ -97,11 +146,6 @@ class LocalBatchNorm(nn.Module):
         return torch.cat(parts) * self.weight[:, None] + self.bias[:, None]
 
 
-def _conv(c_in: int, c_out: int, kernel: int) -> nn.Module:
-    """A spectral-normalised 1D conv over the patch raster (circular padding keeps P positions)."""
-    return spectral_norm(nn.Conv1d(c_in, c_out, kernel, padding=kernel // 2, padding_mode="circular"))
-
-
 class DiscHead(nn.Module):
     """Features (B, D, P) -> logits (B, P): conv1 + norm + lrelu, a residual kernel-k block (scaled by
     1/sqrt 2), a conv1 to one channel."""
@@ -111,10 +155,10 @@ class DiscHead(nn.Module):
 
         def block(k: int) -> nn.Sequential:
             return nn.Sequential(
-                _conv(channels, channels, k), LocalBatchNorm(channels, group=group), nn.LeakyReLU(0.2)
+                SNConv1d(channels, channels, k), LocalBatchNorm(channels, group=group), nn.LeakyReLU(0.2)
             )
 
-        self.inp, self.res, self.out = block(1), block(kernel), _conv(channels, 1, 1)
+        self.inp, self.res, self.out = block(1), block(kernel), SNConv1d(channels, 1, 1)
 
     def forward(self, f: Tensor) -> Tensor:
         h = self.inp(f)  # (B, D, P)
@@ -179,7 +223,7 @@ def missing_disc_weights(weight: float, path: str | None, reason: str | None = N
         "a torch state_dict of vlt.models.dino.DinoViT in the DINO/timm key layout (patch_embed.proj.*, "
         "cls_token, pos_embed, blocks.i.*): a released DINO or DINOv2 ViT such as "
         "dino_deitsmall16_pretrain.pth loads as it is, or write one with DinoViT.save; place it e.g. at "
-        "weights/dino_vits16.pt and pass it as model.init_args.loss.disc_weights=<path>, with "
+        "weights/dino_deitsmall16_pretrain.pth and pass it as model.init_args.loss.disc_weights=<path>, with "
         "model.init_args.loss.disc_size its size (s or b); or set model.init_args.loss.adversarial=0."
     )
 
@@ -202,7 +246,7 @@ class AdversarialLoss(nn.Module):
         *,
         weight: float,
         backbone_path: str | None,
-        size: str = "s",
+        size: DinoSize = "s",
         image_size: int = 224,
         start: int = 0,
         lecam: float = 0.0,
