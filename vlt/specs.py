@@ -67,7 +67,7 @@ class LossSpec:
     perceptual_weights: str | None = None
     adversarial: float = 0.0
     disc_weights: str | None = None
-    disc_size: str = "s"
+    disc_size: Literal["tiny", "s", "b"] = "s"
     disc_image_size: int = 224
     disc_start: int = 0
     disc_adaptive: bool = False

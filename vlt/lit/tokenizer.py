@@ -120,7 +120,8 @@ class LitTokenizer(L.LightningModule):
         return self.merger.sample_k()
 
     def losses(self, images: Tensor, k: int) -> dict[str, Tensor]:
-        """Every loss term of one training step at level K (the merger in its current mode)."""
+        """Every loss term of one training step at level K (the merger in its current mode); with the
+        discriminator also its terms (`vlt.objectives.adversarial`), the generator's inside "loss"."""
         enc = self.tokenizer.encode(images)
         merged = self.merger(enc.z, k)
         recon = self.tokenizer.decode(merged.z_hat)

@@ -20,6 +20,7 @@ import math
 import re
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -29,6 +30,7 @@ from vlt.nn.vit import Block
 
 State = dict[str, Tensor]
 
+DinoSize = Literal["tiny", "s", "b"]
 # name -> (width D, depth, heads). DINO and DINOv2 heads are 64 wide; "tiny" is for tests and CPU trials.
 DINO_SIZES: dict[str, tuple[int, int, int]] = {"tiny": (32, 2, 2), "s": (384, 12, 6), "b": (768, 12, 12)}
 # Parts of released backbones that a feature extractor does not use: prefix -> what it is.
@@ -181,13 +183,14 @@ class DinoViT(nn.Module):
         torch.save(self.state_dict(), path)
 
     @classmethod
-    def from_file(cls, path: str | Path, *, size: str, image_size: int = 224) -> DinoViT:
+    def from_file(cls, path: str | Path, *, size: DinoSize, image_size: int = 224) -> DinoViT:
         """The frozen backbone of a DINO-layout state dict (see the module docstring); `size` names its
         `DINO_SIZES` entry. Raises ValueError on another layout or size, naming what differs."""
         if size not in DINO_SIZES:
             raise ValueError(f"unknown backbone size {size!r}; choose one of {tuple(DINO_SIZES)}")
         state = {k: v for k, v in read_weights(path).items() if not k.startswith(tuple(DINO_UNUSED))}
-        missing = [k for k in ("patch_embed.proj.weight", "cls_token", "pos_embed") if k not in state]
+        needed = ("patch_embed.proj.weight", "cls_token", "pos_embed", "blocks.0.mlp.fc1.weight")
+        missing = [k for k in needed if k not in state]
         if missing:
             raise ValueError(f"{path} is not a DINO-layout ViT state dict: no {missing}")
         width, depth, heads = DINO_SIZES[size]

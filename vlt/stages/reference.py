@@ -30,8 +30,9 @@ vlt's `Tokenizer` (preset `lgm-b`; the reference sequences are [cls, P patches, 
     decoder.latent_pos_embed -> slot_pos; decoder.mask_token -> mask_token; decoder.model.pos_embed ->
     dec_pos (patch rows) and, with decoder.model.cls_token, dec_cls; decoder.to_pixel.model -> to_pixels;
     merge_module.embeddings (N, E) -> the MergePattern (cut as the reference cuts it, `REFERENCE_KS`).
-Training-only parts (`TOKENIZER_DROPPED`: the DINOv2 teacher, the auxiliary decoder, the codebook-usage
-log, ...) are dropped by name and reported; any other unknown key is an error.
+The encoder part of this mapping (`vit_encoder_state`) also initialises vlt's encoder from DINOv2
+(`vlt.stages.dinov2`). Training-only parts (`TOKENIZER_DROPPED`: the DINOv2 teacher, the auxiliary
+decoder, the codebook-usage log, ...) are dropped by name and reported; any other unknown key is an error.
 """
 
 from __future__ import annotations
