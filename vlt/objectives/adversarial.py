@@ -105,16 +105,18 @@ class SNConv1d(nn.Conv1d):
         self.u = F.normalize(torch.randn(c_out, generator=torch.Generator().manual_seed(0)), dim=0)
 
     def sigma(self) -> Tensor:
-        """The weight's largest singular value (differentiable in the weight; u and v held fixed)."""
-        w = self.weight.flatten(1)  # (out, in * kernel)
-        with torch.no_grad():
-            u = self.u.to(w.device, w.dtype)
-            v = F.normalize(w.T @ u, dim=0)
-            if self.training:
-                u = F.normalize(w @ v, dim=0)
+        """The weight's largest singular value (differentiable in the weight; u and v held fixed), in
+        float32 also under autocast."""
+        w = self.weight.flatten(1).float()  # (out, in * kernel)
+        with torch.autocast(w.device.type, enabled=False):
+            with torch.no_grad():
+                u = self.u.to(w.device, torch.float32)
                 v = F.normalize(w.T @ u, dim=0)
-                self.u = u
-        return u @ w @ v
+                if self.training:
+                    u = F.normalize(w @ v, dim=0)
+                    v = F.normalize(w.T @ u, dim=0)
+                    self.u = u
+            return u @ w @ v
 
     def forward(self, x: Tensor) -> Tensor:
         return self._conv_forward(x, self.weight / self.sigma(), self.bias)
