@@ -47,13 +47,44 @@ class MergeSpec:
 
 @dataclass
 class LossSpec:
-    """Weights of `vlt.objectives.recon.ReconLoss`."""
+    """Weights of `vlt.objectives.recon.ReconLoss` and the optional stage-1 GAN terms
+    (`vlt.objectives.adversarial.AdversarialLoss`).
+
+    Args:
+        adversarial: generator weight of the DINO-discriminator hinge loss (0: no discriminator is built).
+        disc_weights: local state dict of the frozen backbone (`vlt.models.dino.DinoViT`, DINO key layout).
+        disc_size: its size, a `vlt.models.dino.DINO_SIZES` name ("s": ViT-S, "b": ViT-B).
+        disc_image_size: side the images are resized to before the backbone.
+        disc_start: first step with the adversarial terms (the reference: 20000).
+        disc_adaptive: scale the generator weight by VQGAN's ratio of last-layer gradient norms.
+        lecam: weight of the LeCam regulariser in the discriminator loss (the reference: 0.001).
+    """
 
     l2: float = 1.0
     kl: float = 1e-6
     align: float = 0.25
     perceptual: float = 0.0
     perceptual_weights: str | None = None
+    adversarial: float = 0.0
+    disc_weights: str | None = None
+    disc_size: Literal["tiny", "s", "b"] = "s"
+    disc_image_size: int = 224
+    disc_start: int = 0
+    disc_adaptive: bool = False
+    lecam: float = 0.0
+
+    def recon_kwargs(self) -> dict:
+        """The `ReconLoss` arguments."""
+        names = ("l2", "kl", "align", "perceptual", "perceptual_weights")
+        return {name: getattr(self, name) for name in names}
+
+    def adversarial_kwargs(self) -> dict:
+        """The `AdversarialLoss` arguments (meaningful when `adversarial` > 0)."""
+        return {
+            "weight": self.adversarial, "backbone_path": self.disc_weights, "size": self.disc_size,
+            "image_size": self.disc_image_size, "start": self.disc_start, "lecam": self.lecam,
+            "adaptive": self.disc_adaptive,
+        }  # fmt: skip
 
 
 @dataclass

@@ -21,7 +21,6 @@ of fit the generator and its tokenizer are exported to <run>/export/{generator,t
 
 from __future__ import annotations
 
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -53,7 +52,8 @@ class LitJoint(L.LightningModule):
             fit (not when resuming with --ckpt_path).
         tokenizer, merge, loss, dit: the stage configs; None (the usual case) takes them from the init
             checkpoints: the CLI and `from_checkpoints` fill them (`resolve_sources`), as they fill ks,
-            pattern_kind, k_cycle and flow.
+            pattern_kind, k_cycle and flow. Of `loss` only the reconstruction weights apply (a stage-1 run's
+            GAN terms are not trained here).
         ks: the K values the DiT serves; k_cycle: one K per step, cycled.
         joint, part_lr, align_encoder, optim: see the dataclasses in `vlt.specs`.
     """
@@ -95,7 +95,8 @@ class LitJoint(L.LightningModule):
         self.generator.tokenizer.requires_grad_(True)  # the generator freezes it; stage 3 trains it
         self.ks, self.k_cycle, self.spec = ks, k_cycle or ks, joint
         self.recon_grid = [k for k in merge.grid if k in ks] or ks
-        self.criterion = ReconLoss(**{**asdict(loss), "align": 0.0})
+        # The reconstruction terms only: stage 1's GAN terms (loss.adversarial, ...) are not trained here.
+        self.criterion = ReconLoss(**{**loss.recon_kwargs(), "align": 0.0})
         self.align_depth = joint.align_depth or max(1, dit.depth // 2)
         if align_encoder.kind == "stage1":
             self.target = SlotFeatures(tokenizer, features=align_encoder.features)

@@ -24,8 +24,10 @@ from vlt.models.pattern import MergePattern
 from vlt.models.tokenizer import Tokenizer, TokenizerConfig
 from vlt.nn.compile import compile_blocks
 from vlt.nn.vit import Block
+from vlt.objectives.adversarial import AdversarialLoss
 from vlt.objectives.recon import ReconLoss, psnr
 from vlt.specs import LossSpec, MergeSpec, OptimSpec, param_groups
+from vlt.stages.dinov2 import init_encoder
 from vlt.stages.tokenizer import VariableLengthTokenizer
 from vlt.types import ImageBatch
 
@@ -41,6 +43,15 @@ class LitTokenizer(L.LightningModule):
         val_ks: the K values evaluated in validation (default: the grid plus N).
         compile: torch.compile each encoder and decoder block (`vlt.nn.compile`; for GPUs: the first
             steps wait for the compiler).
+        encoder_init: a local DINOv2 checkpoint the encoder starts from (`vlt.stages.dinov2`), read at
+            construction; not a hyper-parameter: a checkpoint of the run loads without the file.
+
+    With `loss.adversarial` > 0 a DINO-feature discriminator trains beside the tokenizer
+    (`vlt.objectives.adversarial`). One optimizer holds both networks (AdamW keeps its statistics per
+    parameter, so this is two optimizers of the same settings that step together) and each network's
+    gradients are clipped apart; global_step, max_steps, the schedule, EMA and resume work as without it.
+    Its terms are logged as train/adv_g, train/adv_weight and train/disc_* (train/loss is the tokenizer's
+    loss, the adversarial term included).
     """
 
     def __init__(
@@ -52,6 +63,7 @@ class LitTokenizer(L.LightningModule):
         optim: OptimSpec = OptimSpec(),  # noqa: B008
         val_ks: list[int] | None = None,
         compile: bool = False,
+        encoder_init: str | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(
@@ -60,7 +72,10 @@ class LitTokenizer(L.LightningModule):
         )
         self.tokenizer = Tokenizer(tokenizer)
         self.merger = Merger(n_slots=tokenizer.n_slots, channels=tokenizer.channels, **merge.merger_kwargs())
-        self.criterion = ReconLoss(**vars(loss))
+        self.criterion = ReconLoss(**loss.recon_kwargs())
+        self.adversarial = AdversarialLoss(**loss.adversarial_kwargs()) if loss.adversarial else None
+        if encoder_init is not None:
+            init_encoder(self.tokenizer, encoder_init)
         self.optim_spec, self.full_k_fraction = optim, merge.full_k_fraction
         self.val_ks = sorted(set(val_ks or [*self.merger.grid, tokenizer.n_slots]))
         self.val_psnr = nn.ModuleDict({str(k): MeanMetric() for k in self.val_ks})
@@ -105,7 +120,8 @@ class LitTokenizer(L.LightningModule):
         return self.merger.sample_k()
 
     def losses(self, images: Tensor, k: int) -> dict[str, Tensor]:
-        """Every loss term of one training step at level K (the merger in its current mode)."""
+        """Every loss term of one training step at level K (the merger in its current mode); with the
+        discriminator also its terms (`vlt.objectives.adversarial`), the generator's inside "loss"."""
         enc = self.tokenizer.encode(images)
         merged = self.merger(enc.z, k)
         recon = self.tokenizer.decode(merged.z_hat)
@@ -114,14 +130,28 @@ class LitTokenizer(L.LightningModule):
             align = self.merger.alignment_loss(enc.z)
         else:  # zero, but every merger parameter stays in the graph: DDP's reducer expects them all
             align = sum((p.sum() for p in self.merger.parameters()), enc.z.new_zeros(())) * 0.0
-        return self.criterion(images, recon, kl=enc.kl, align=align)
+        parts = self.criterion(images, recon, kl=enc.kl, align=align)
+        if self.adversarial is None:
+            return parts
+        adv = self.adversarial(
+            images, recon, parts["loss"], step=self.global_step, last_layer=self.last_layer()
+        )
+        return parts | adv | {"loss": parts["loss"] + adv["adv_g"]}
+
+    def last_layer(self) -> Tensor:
+        """The decoder's last weight (the adaptive GAN weight balances gradients there)."""
+        refine = self.tokenizer.refine
+        return self.tokenizer.to_pixels.weight if refine is None else refine.out.weight
 
     def training_step(self, batch: ImageBatch, batch_idx: int) -> Tensor:
         k = self.training_k(self.global_step, self.trainer.max_steps)
         parts = self.losses(batch.image, k)
         self.log_dict({f"train/{name}": value for name, value in parts.items()}, prog_bar=False)
         self.log("train/k", float(k))
-        return parts["loss"]
+        if self.adversarial is None:
+            return parts["loss"]
+        # One backward for both networks: neither term reaches the other's (vlt.objectives.adversarial).
+        return parts["loss"] + parts["disc_loss"]
 
     def configure_model(self) -> None:
         """With `compile`, compile the encoder and decoder blocks in place."""
@@ -131,6 +161,24 @@ class LitTokenizer(L.LightningModule):
     def configure_optimizers(self) -> dict:
         groups = param_groups(self, self.optim_spec.weight_decay)
         return self.optim_spec.build(groups, self.trainer.max_steps)
+
+    def configure_gradient_clipping(
+        self, optimizer: torch.optim.Optimizer, gradient_clip_val: float | None = None,
+        gradient_clip_algorithm: str | None = None,
+    ) -> None:  # fmt: skip
+        """Lightning's clipping; with the discriminator, its heads and the tokenizer clip apart (each to
+        the limit, as two optimizers would), so neither network's gradient scales the other's step."""
+        if self.adversarial is None or not gradient_clip_val:
+            super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
+            return
+        ids = {id(p) for p in self.adversarial.parameters()}
+        params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        for disc in (False, True):  # the optimizer's order, as Lightning's own clipping has it
+            part = [p for p in params if (id(p) in ids) == disc]
+            if gradient_clip_algorithm == "value":
+                nn.utils.clip_grad_value_(part, gradient_clip_val)
+            else:
+                nn.utils.clip_grad_norm_(part, gradient_clip_val)
 
     # --- validation: PSNR at every K, slot collapse and merged-pair diagnostics ---
     def validation_step(self, batch: ImageBatch, batch_idx: int) -> None:

@@ -30,8 +30,9 @@ vlt's `Tokenizer` (preset `lgm-b`; the reference sequences are [cls, P patches, 
     decoder.latent_pos_embed -> slot_pos; decoder.mask_token -> mask_token; decoder.model.pos_embed ->
     dec_pos (patch rows) and, with decoder.model.cls_token, dec_cls; decoder.to_pixel.model -> to_pixels;
     merge_module.embeddings (N, E) -> the MergePattern (cut as the reference cuts it, `REFERENCE_KS`).
-Training-only parts (`TOKENIZER_DROPPED`: the DINOv2 teacher, the auxiliary decoder, the codebook-usage
-log, ...) are dropped by name and reported; any other unknown key is an error.
+The encoder part of this mapping (`vit_encoder_state`) also initialises vlt's encoder from DINOv2
+(`vlt.stages.dinov2`). Training-only parts (`TOKENIZER_DROPPED`: the DINOv2 teacher, the auxiliary
+decoder, the codebook-usage log, ...) are dropped by name and reported; any other unknown key is an error.
 """
 
 from __future__ import annotations
@@ -304,6 +305,7 @@ TOKENIZER_KEYS: list[tuple[str, str]] = [
     (r"^post_quant_conv\.", "latent_in."),
     (r"^decoder\.to_pixel\.model\.", "to_pixels."),
 ]
+_ENCODER_VIT = "encoder.model."  # the reference encoder's timm ViT
 # Keys that combine (a token and its position embedding) or change layout; all must be present.
 _TOKENIZER_SPECIAL = (
     "encoder.model.patch_embed.proj.weight", "encoder.model.cls_token", "encoder.model.pos_embed",
@@ -392,19 +394,35 @@ def _with_position(token: Tensor, pos: Tensor) -> Tensor:
     return (token[0] + pos[0, :1]).reshape(1, -1)
 
 
+def vit_encoder_state(vit: Mapping[str, Tensor], *, what: str = "reference tokenizer") -> State:
+    """A timm / DINOv2 ViT state dict (`patch_embed.proj.*`, `cls_token`, `pos_embed` (1, 1 + P, D),
+    `blocks.i.*`, `norm.*`; no prefix) as the encoder keys of vlt's `Tokenizer` with a cls token
+    (`patch_embed.*`, `enc_pos`, `enc_cls`, `encoder.*`). The reference tokenizer's encoder is such a ViT
+    (under `encoder.model.`), and so is a DINOv2 checkpoint (`vlt.stages.dinov2`). A key with no
+    counterpart is a ConversionError."""
+    special = ("patch_embed.proj.weight", "cls_token", "pos_embed")
+    missing = [k for k in special if k not in vit]
+    if missing:
+        raise ConversionError(f"{what}: not a ViT with a cls token: no {missing}")
+    out = rename(
+        {f"{_ENCODER_VIT}{k}": v for k, v in vit.items() if k not in special}, TOKENIZER_KEYS, what=what
+    )
+    pos, w = vit["pos_embed"], vit["patch_embed.proj.weight"]  # w (D, 3, s, s): a conv over (c s1 s2)
+    out["patch_embed.weight"] = w.permute(0, 2, 3, 1).reshape(w.shape[0], -1)  # (D, s s 3): vlt's (s1 s2 c)
+    out["enc_pos"] = pos[0, 1:]  # (P, D)
+    out["enc_cls"] = _with_position(vit["cls_token"], pos)  # (1, D)
+    return out
+
+
 def tokenizer_state_from_reference(state: Mapping[str, Tensor]) -> tuple[State, Tensor]:
     """(the vlt `Tokenizer` state dict, the merge embeddings (N, E)) of a reference tokenizer state dict
     without its training-only parts (see the module docstring for the mapping)."""
-    special = {k: state[k] for k in _TOKENIZER_SPECIAL}
-    out = rename(
-        {k: v for k, v in state.items() if k not in special}, TOKENIZER_KEYS, what="reference tokenizer"
-    )
-    enc_pos, dec_pos = special["encoder.model.pos_embed"], special["decoder.model.pos_embed"]
-    w = special["encoder.model.patch_embed.proj.weight"]  # (D, 3, s, s): a conv over (c s1 s2)
+    encoder = {k[len(_ENCODER_VIT) :]: v for k, v in state.items() if k.startswith(_ENCODER_VIT)}
+    special = {k: state[k] for k in _TOKENIZER_SPECIAL if not k.startswith(_ENCODER_VIT)}
+    rest = {k: v for k, v in state.items() if k not in special and not k.startswith(_ENCODER_VIT)}
+    out = vit_encoder_state(encoder) | rename(rest, TOKENIZER_KEYS, what="reference tokenizer")
+    dec_pos = special["decoder.model.pos_embed"]
     out |= {
-        "patch_embed.weight": w.permute(0, 2, 3, 1).reshape(w.shape[0], -1),  # (D, s s 3) as vlt's (s1 s2 c)
-        "enc_pos": enc_pos[0, 1:],
-        "enc_cls": _with_position(special["encoder.model.cls_token"], enc_pos),
         "slots": special["encoder.latent_tokens"][0] + special["encoder.latent_pos_embed"][0],
         "dec_pos": dec_pos[0, 1:],
         "dec_cls": _with_position(special["decoder.model.cls_token"], dec_pos),
