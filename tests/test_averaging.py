@@ -51,3 +51,31 @@ def test_without_averaging_the_block_changes_nothing():
     before = [p.detach().clone() for p in model.parameters()]
     with averaged_weights(trainer, model):
         assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+
+class LoadsInSetup(BoringModel):
+    """Gets its weights in its own `setup`, after the callbacks' (as LitJoint reads its stage checkpoints)."""
+
+    def setup(self, stage: str) -> None:
+        with torch.no_grad():
+            for p in self.parameters():
+                p.fill_(0.25)
+
+
+class BeforeCurve(L.Callback):
+    def __init__(self) -> None:
+        self.seen: list[torch.Tensor] = []
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        with averaged_weights(trainer, pl_module):
+            self.seen.append(next(pl_module.parameters()).detach().clone())
+
+
+def test_a_before_curve_measures_the_loaded_weights_not_the_averages_setup_copy():
+    probe = BeforeCurve()
+    trainer = L.Trainer(
+        max_steps=2, limit_val_batches=0, logger=False, callbacks=[EMAWeightAveraging(decay=0.5), probe],
+        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+    )  # fmt: skip
+    trainer.fit(LoadsInSetup())
+    assert torch.all(probe.seen[0] == 0.25)  # before the first step: the weights setup loaded
