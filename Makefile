@@ -55,7 +55,7 @@ BUDGET ?= 8
 DISTORTION ?= mse
 
 .PHONY: help install data test test-fast lint format tensorboard clean train-tokenizer train-dit cache-latents sample \
-	allocate train-dit-adaptive experiment-adaptive experiment-paper finetune export
+	allocate train-dit-adaptive experiment-adaptive experiment-paper finetune finetune-compare export
 
 help: ## show this help
 	@echo "vlt make targets:"
@@ -146,8 +146,16 @@ NESTED ?= runs/tokenizer-tiny-nested/checkpoints/last.ckpt
 experiment-paper: $(STAMP) $(SYNTHETIC) $(FEATURES) ## Table 1/3/4 analogues: LGM vs nested dropout, guidance sweep, ablations (CPU, ~90 min)
 	$(BIN)/python scripts/experiment_paper.py --reuse lgm=$(TOKENIZER) nested=$(NESTED) dit-lgm-seed0=$(DIT) $(ARGS)
 
-finetune: $(STAMP) $(FEATURES) $(TOKENIZER) $(DIT) ## stage 3: joint fine-tune of TOKENIZER + DIT (CONFIG=conf/joint/tiny.yaml)
+finetune: $(STAMP) $(FEATURES) $(TOKENIZER) $(DIT) ## stage 3: joint fine-tune of TOKENIZER + DIT (CONFIG=conf/joint/tiny.yaml), then before / after / stage 2 trained longer
 	$(call launch,fit -c $(or $(CONFIG),conf/joint/tiny.yaml) --model.init_args.init_from_tokenizer=$(TOKENIZER) --model.init_args.init_from_dit=$(DIT))
+ifneq ($(LAUNCH),slurm)
+	$(MAKE) --no-print-directory finetune-compare
+endif
+
+#: JOINT      joint fine-tune run directory that finetune-compare reads (default runs/joint-tiny)
+JOINT ?= runs/joint-tiny
+finetune-compare: $(STAMP) $(FEATURES) ## stage 3 vs stage 2 trained longer (equal steps, equal time): runs/finetune-compare/results.md
+	$(BIN)/python scripts/finetune_compare.py --joint $(JOINT) --dit $(DIT)
 
 # The slurm tier: a one-node Slurm started here, the tests, and the cluster stopped whatever they did.
 slurm_tier = (scripts/slurm/local_cluster.sh up >/dev/null || echo "no local Slurm: the slurm tests will skip"; \

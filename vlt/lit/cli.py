@@ -59,6 +59,17 @@ class VLTCLI(LightningCLI):
             run=run,
         )
 
+    def _parse_ckpt_path(self) -> None:
+        """Keep the model config as the config gives it; `--ckpt_path FILE` only restores state.
+
+        LightningCLI 2.6 re-parses the checkpoint's hyper-parameters into the model config when
+        --ckpt_path names a file. vlt's hyper-parameters hold resolved objects (DiTConfig, FlowSpec,
+        the sources' shapes) without a class_path, which that parser refuses ("Parsing of ckpt_path
+        hyperparameters failed"), so every `vlt fit|validate --ckpt_path FILE` stopped there. The
+        config (or a run's saved config.yaml) defines the model; `check_ckpt_path` checks the stage and
+        loading the state checks the shapes.
+        """
+
     @staticmethod
     def subcommands() -> dict[str, set[str]]:
         """Lightning's subcommands less `test` and `predict` (no stage has their steps)."""
