@@ -16,7 +16,7 @@ from vlt.lit import LitJoint
 from vlt.specs import JointSpec
 
 
-def _joint_fit(tokenizer, dit, shards: dict, seed: int) -> dict[str, torch.Tensor]:
+def _joint_fit(tokenizer, dit, shards: dict, seed: int, root) -> dict[str, torch.Tensor]:
     L.seed_everything(seed)
     model = LitJoint.from_checkpoints(str(tokenizer), str(dit), joint=JointSpec(projector_hidden=32))
     data = WebDataModule(
@@ -24,22 +24,24 @@ def _joint_fit(tokenizer, dit, shards: dict, seed: int) -> dict[str, torch.Tenso
     )
     trainer = L.Trainer(
         max_steps=3, limit_val_batches=0, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-        enable_model_summary=False, accelerator="cpu",
+        enable_model_summary=False, accelerator="cpu", default_root_dir=root,  # its export lands there
     )  # fmt: skip
     trainer.fit(model, datamodule=data)
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
 @pytest.mark.slow
-def test_a_seeded_joint_run_is_reproducible(tiny_tokenizer, tiny_dit, tiny_shards):
-    first, again = (_joint_fit(tiny_tokenizer, tiny_dit, tiny_shards, seed=0) for _ in range(2))
-    other = _joint_fit(tiny_tokenizer, tiny_dit, tiny_shards, seed=1)
+def test_a_seeded_joint_run_is_reproducible(tmp_path, tiny_tokenizer, tiny_dit, tiny_shards):
+    first, again = (_joint_fit(tiny_tokenizer, tiny_dit, tiny_shards, 0, tmp_path / str(i)) for i in range(2))
+    other = _joint_fit(tiny_tokenizer, tiny_dit, tiny_shards, 1, tmp_path / "other")
     assert all(torch.equal(first[k], again[k]) for k in first)  # same seed: the same run
     assert not all(torch.equal(first[k], other[k]) for k in first)  # another seed: another run
 
 
 def _script():
-    spec = importlib.util.spec_from_file_location("finetune_compare", ROOT / "scripts" / "finetune_compare.py")
+    spec = importlib.util.spec_from_file_location(
+        "finetune_compare", ROOT / "scripts" / "finetune_compare.py"
+    )
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
