@@ -36,6 +36,10 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from vlt.metrics.intervals import welch  # noqa: E402
+
 VLT = [sys.executable, "-m", "vlt.cli"]
 KS = [4, 8, 16, 32]
 FEATURES = "data/features"
@@ -193,19 +197,6 @@ def interval(values: list[float], scale: float = 1.0, digits: int = 2) -> str:
         return f"{values[0]:.{digits}f}"
     half = t95(len(values) - 1) * statistics.stdev(values) / math.sqrt(len(values))
     return f"{statistics.mean(values):.{digits}f} ± {half:.{digits}f}"
-
-
-def welch(a: list[float], b: list[float]) -> tuple[float, float, float]:
-    """(mean a - mean b, its 95% Welch half-width, two-sided p)."""
-    from scipy import stats
-
-    va, vb = statistics.variance(a) / len(a), statistics.variance(b) / len(b)
-    d = statistics.mean(a) - statistics.mean(b)
-    if va + vb == 0:  # constant values (e.g. a saturated accuracy): no spread to test against
-        return d, 0.0, 1.0 if d == 0 else 0.0
-    df = (va + vb) ** 2 / (va**2 / (len(a) - 1) + vb**2 / (len(b) - 1))
-    p = float(stats.ttest_ind(a, b, equal_var=False).pvalue)
-    return d, t95(max(int(df), 1)) * math.sqrt(va + vb), p
 
 
 def with_suffix(rows: list[dict], suffix: str = "_w1") -> list[dict]:

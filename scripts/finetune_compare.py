@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import shutil
 import subprocess
 import sys
@@ -96,19 +95,15 @@ def longer(args, name: str, start: Path, steps: int) -> Path:
     return ckpt
 
 
-def evaluate(args, name: str, source: Path) -> list[list[dict]]:
-    """One row list per noise seed (cached in <out>/<name>.json)."""
+def evaluate(args, name: str, source: Path, real) -> list[list[dict]]:
+    """One row list per noise seed (cached in <out>/<name>.json); `real()` gives the real (images, labels)."""
     path = ROOT / args.out / f"{name}.json"
     if path.exists() and not args.fresh:
         return json.loads(path.read_text())
-    import torch
-
     import vlt
     from vlt.metrics.budget import BudgetEvaluator
-    from vlt.metrics.budget.data import read_shard_images
 
-    images, labels = read_shard_images(str(ROOT / "data/synthetic/shards/val-*.tar"), NUM_IMAGES, 32, 128)
-    images, labels = torch.cat(images), torch.cat(labels)
+    images, labels = real()
     generator = vlt.load(str(source)).eval()
     per_seed = []
     for seed in range(args.seeds):
@@ -123,6 +118,18 @@ def evaluate(args, name: str, source: Path) -> list[list[dict]]:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(per_seed))
     return per_seed
+
+
+def real_images():
+    """The first NUM_IMAGES synthetic val images and their labels, read once on first use."""
+    if not hasattr(real_images, "cached"):
+        import torch
+
+        from vlt.metrics.budget.data import read_shard_images
+
+        images, labels = read_shard_images(str(ROOT / "data/synthetic/shards/val-*.tar"), NUM_IMAGES, 32, 128)
+        real_images.cached = torch.cat(images), torch.cat(labels)
+    return real_images.cached
 
 
 def values(per_seed: list[list[dict]], k: int, column: str) -> list[float]:
@@ -140,22 +147,11 @@ def cell(v: list[float]) -> str:
 
 def versus(a: list[float], b: list[float]) -> str:
     """a - b ± its 95% Welch half-width (p); `*` when p < 0.05."""
-    import statistics
-
-    from scipy import stats
+    from vlt.metrics.intervals import welch
 
     if len(a) < 2 or len(b) < 2:
         return "-"
-    se2 = statistics.variance(a) / len(a) + statistics.variance(b) / len(b)
-    d = statistics.mean(a) - statistics.mean(b)
-    if se2 == 0:
-        return f"{d:+.3f}"
-    df = se2**2 / (
-        (statistics.variance(a) / len(a)) ** 2 / (len(a) - 1)
-        + (statistics.variance(b) / len(b)) ** 2 / (len(b) - 1)
-    )
-    p = float(stats.ttest_ind(a, b, equal_var=False).pvalue)
-    half = float(stats.t.ppf(0.975, df)) * math.sqrt(se2)
+    d, half, p = welch(a, b)
     return f"{d:+.3f} ± {half:.3f} (p={p:.2g}){' *' if p < 0.05 else ''}"
 
 
@@ -204,7 +200,7 @@ def main() -> None:
         "stage 2 + S steps": f"+{steps} steps", "stage 2 + equal time": f"+{equal} steps",
     }  # fmt: skip
     rows = {
-        name: evaluate(args, name.replace(" ", "-").replace("+", "plus"), src)
+        name: evaluate(args, name.replace(" ", "-").replace("+", "plus"), src, real_images)
         for name, src in sources.items()
     }
     head = [

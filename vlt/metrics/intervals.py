@@ -58,6 +58,24 @@ def t_interval(values: Sequence[float], confidence: float = 0.95) -> Estimate:
     return Estimate(float(x.mean()), float(q * x.std(ddof=1) / math.sqrt(len(x))), len(x), "seeds")
 
 
+def welch(a: Sequence[float], b: Sequence[float], confidence: float = 0.95) -> tuple[float, float, float]:
+    """(mean a - mean b, its Welch half-width at `confidence`, two-sided Welch p) of two sets of seeds.
+
+    Constant values on both sides (e.g. a saturated accuracy) leave no spread to test against: the
+    half-width is 0 and p is 1 for equal means, else 0.
+    """
+    x, y = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    if len(x) < 2 or len(y) < 2:
+        raise ValueError(f"Welch's test needs at least 2 values a side, got {len(x)} and {len(y)}")
+    va, vb = x.var(ddof=1) / len(x), y.var(ddof=1) / len(y)
+    d = float(x.mean() - y.mean())
+    if va + vb == 0:
+        return d, 0.0, 1.0 if d == 0 else 0.0
+    df = (va + vb) ** 2 / (va**2 / (len(x) - 1) + vb**2 / (len(y) - 1))
+    p = float(scipy.stats.ttest_ind(x, y, equal_var=False).pvalue)
+    return d, float(scipy.stats.t.ppf(0.5 + confidence / 2, df) * math.sqrt(va + vb)), p
+
+
 def bootstrap(
     statistic: Callable[[Tensor, Tensor], Mapping[str, float]],
     n_real: int,
