@@ -146,20 +146,25 @@ def test_submit_helper_composes_the_job(tmp_path: Path) -> None:
 @pytest.mark.parametrize("max_steps", [5, 6])
 def test_last_checkpoint_is_the_final_step(tmp_path: Path, max_steps: int):
     """last.ckpt holds the fit's final step also when max_steps is not a multiple of every_n_train_steps
-    (Lightning's own ModelCheckpoint leaves it at step 4 of 5)."""
+    (Lightning's own ModelCheckpoint leaves it at step 4 of 5), with the training weights to resume from
+    beside the EMA average (as the step files hold them), not the average copied over them at fit end."""
     import lightning as L
+    from lightning.pytorch.callbacks import EMAWeightAveraging
     from lightning.pytorch.demos.boring_classes import BoringModel
 
     from vlt.callbacks.checkpoint import ModelCheckpoint
 
     every = ModelCheckpoint(dirpath=tmp_path, save_last=True, every_n_train_steps=2, save_top_k=-1)
     trainer = L.Trainer(
-        max_steps=max_steps, callbacks=[every], logger=False, enable_progress_bar=False,
-        enable_model_summary=False, limit_val_batches=0, accelerator="cpu", devices=1,
+        max_steps=max_steps, callbacks=[EMAWeightAveraging(decay=0.5), every], logger=False,
+        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0, accelerator="cpu",
+        devices=1,
     )  # fmt: skip
     trainer.fit(BoringModel())
     last = torch.load(tmp_path / "last.ckpt", map_location="cpu", weights_only=False)
     assert last["global_step"] == max_steps
+    average, current = last["state_dict"]["layer.weight"], last["current_model_state"]["layer.weight"]
+    assert not torch.equal(average, current)
     assert sorted(p.name for p in tmp_path.glob("epoch=*")) == sorted(
         f"epoch=0-step={s}.ckpt" for s in range(2, max_steps + 1, 2)
     )
