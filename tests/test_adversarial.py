@@ -73,6 +73,13 @@ def test_lecam_matches_hand_values_and_keeps_its_ema_as_state():
 
 def test_spectral_norm_divides_by_the_largest_singular_value_and_keeps_u_as_state():
     conv = SNConv1d(6, 4, 3)
+    # Power iteration converges as (s2 / s1)^(2n): a random init's top two singular values can lie close
+    # enough that 30 iterations miss 1e-4, so the weight gets a known gap (singular values 2, 1, 0.5, 0.25).
+    g = torch.Generator().manual_seed(0)
+    left, _ = torch.linalg.qr(torch.randn(4, 4, generator=g))
+    right, _ = torch.linalg.qr(torch.randn(18, 4, generator=g))
+    with torch.no_grad():
+        conv.weight.copy_((left @ torch.diag(torch.tensor([2.0, 1.0, 0.5, 0.25])) @ right.T).view(4, 6, 3))
     for _ in range(30):  # power iterations, one per training forward
         conv(torch.randn(2, 6, 5))
     exact = torch.linalg.matrix_norm(conv.weight.detach().flatten(1), ord=2)
