@@ -20,6 +20,7 @@ against each other row. Finished runs and evaluations are reused unless --fresh.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import shutil
 import subprocess
@@ -95,15 +96,15 @@ def longer(args, name: str, start: Path, steps: int) -> Path:
     return ckpt
 
 
-def evaluate(args, name: str, source: Path, real) -> list[list[dict]]:
-    """One row list per noise seed (cached in <out>/<name>.json); `real()` gives the real (images, labels)."""
+def evaluate(args, name: str, source: Path) -> list[list[dict]]:
+    """One row list per noise seed (cached in <out>/<name>.json)."""
     path = ROOT / args.out / f"{name}.json"
     if path.exists() and not args.fresh:
         return json.loads(path.read_text())
     import vlt
     from vlt.metrics.budget import BudgetEvaluator
 
-    images, labels = real()
+    images, labels = real_images()
     generator = vlt.load(str(source)).eval()
     per_seed = []
     for seed in range(args.seeds):
@@ -120,16 +121,15 @@ def evaluate(args, name: str, source: Path, real) -> list[list[dict]]:
     return per_seed
 
 
+@functools.cache
 def real_images():
     """The first NUM_IMAGES synthetic val images and their labels, read once on first use."""
-    if not hasattr(real_images, "cached"):
-        import torch
+    import torch
 
-        from vlt.metrics.budget.data import read_shard_images
+    from vlt.metrics.budget.data import read_shard_images
 
-        images, labels = read_shard_images(str(ROOT / "data/synthetic/shards/val-*.tar"), NUM_IMAGES, 32, 128)
-        real_images.cached = torch.cat(images), torch.cat(labels)
-    return real_images.cached
+    images, labels = read_shard_images(str(ROOT / "data/synthetic/shards/val-*.tar"), NUM_IMAGES, 32, 128)
+    return torch.cat(images), torch.cat(labels)
 
 
 def values(per_seed: list[list[dict]], k: int, column: str) -> list[float]:
@@ -200,7 +200,7 @@ def main() -> None:
         "stage 2 + S steps": f"+{steps} steps", "stage 2 + equal time": f"+{equal} steps",
     }  # fmt: skip
     rows = {
-        name: evaluate(args, name.replace(" ", "-").replace("+", "plus"), src, real_images)
+        name: evaluate(args, name.replace(" ", "-").replace("+", "plus"), src)
         for name, src in sources.items()
     }
     head = [
