@@ -132,6 +132,17 @@ def test_optimizer_groups_carry_the_part_learning_rates():
     assert len(lrs) == sum(p.requires_grad for p in model.parameters())
 
 
+def test_a_zero_part_learning_rate_freezes_that_part():
+    """0 is a learning rate, not "unset": the tokenizer stays where it is while the DiT trains."""
+    model = _joint(part_lr=PartLR(tokenizer=0.0))
+    optimizer = torch.optim.AdamW(model.param_groups())
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    model.losses(_batch(), 8, recon_k=8)["loss"].backward()
+    optimizer.step()
+    moved = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+    assert moved and all(n.startswith(("generator.dit.", "projector.")) for n in moved)
+
+
 class _TinyEncoder(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.conv(x)

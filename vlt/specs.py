@@ -150,7 +150,7 @@ class JointSpec:
 
 @dataclass
 class PartLR:
-    """Peak learning rate per part of the joint fine-tune; None takes `optim.lr`."""
+    """Peak learning rate per part of the joint fine-tune; None takes `optim.lr`, 0 freezes the part."""
 
     tokenizer: float | None = None
     dit: float | None = None

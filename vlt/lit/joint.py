@@ -216,11 +216,13 @@ class LitJoint(L.LightningModule):
         return parts["loss"]
 
     def param_groups(self) -> list[dict]:
-        """Optimizer groups: each part at its own peak learning rate (`part_lr`, else `optim.lr`)."""
+        """Optimizer groups: each part at its own peak learning rate (`part_lr`, else `optim.lr`; 0 keeps
+        the part where it is)."""
         gen, groups, optim = self.generator, [], self.hparams.optim
         parts = (("tokenizer", gen.tokenizer.net), ("dit", gen.dit), ("projector", self.projector))
         for part, module in parts:
-            lr = getattr(self.hparams.part_lr, part) or optim.lr
+            lr = getattr(self.hparams.part_lr, part)
+            lr = optim.lr if lr is None else lr
             groups += [{**g, "lr": lr} for g in param_groups(module, optim.weight_decay) if g["params"]]
         return groups
 
