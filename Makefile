@@ -154,8 +154,10 @@ endif
 
 #: JOINT      joint fine-tune run directory that finetune-compare reads (default runs/joint-tiny)
 JOINT ?= runs/joint-tiny
-finetune-compare: $(STAMP) $(FEATURES) ## stage 3 vs stage 2 trained longer (equal steps, equal time): runs/finetune-compare/results.md
-	$(BIN)/python scripts/finetune_compare.py --joint $(JOINT) --dit $(DIT)
+#: JOINT_SEEDS training seeds of the joint fine-tune in finetune-compare (JOINT is seed 0; the others run there)
+JOINT_SEEDS ?= 3
+finetune-compare: $(STAMP) $(FEATURES) ## stage 3 (JOINT_SEEDS training seeds) vs stage 2 trained longer (equal steps, equal time): runs/finetune-compare/results.md
+	$(BIN)/python scripts/finetune_compare.py --joint $(JOINT) --dit $(DIT) --train-seeds $(JOINT_SEEDS)
 
 # The slurm tier: a one-node Slurm started here, the tests, and the cluster stopped whatever they did.
 slurm_tier = (scripts/slurm/local_cluster.sh up >/dev/null || echo "no local Slurm: the slurm tests will skip"; \

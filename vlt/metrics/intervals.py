@@ -76,6 +76,25 @@ def welch(a: Sequence[float], b: Sequence[float], confidence: float = 0.95) -> t
     return d, float(scipy.stats.t.ppf(0.5 + confidence / 2, df) * math.sqrt(va + vb)), p
 
 
+def paired(a: Sequence[float], b: Sequence[float], confidence: float = 0.95) -> tuple[float, float, float]:
+    """(mean of a_i - b_i, its t half-width at `confidence`, two-sided paired-t p) of matched seeds.
+
+    For two systems evaluated on the same seeds (common random numbers: the same noise, labels and
+    reference images for seed i on both sides), the noise both share cancels in a_i - b_i; Welch's test
+    would count it twice. Constant differences leave no spread: half-width 0, p 1 when they are 0, else 0.
+    """
+    x, y = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    if len(x) != len(y) or len(x) < 2:
+        raise ValueError(
+            f"a paired test needs two equal sets of at least 2 values, got {len(x)} and {len(y)}"
+        )
+    diff = x - y
+    if np.ptp(diff) == 0:
+        return float(diff.mean()), 0.0, 1.0 if diff[0] == 0 else 0.0
+    e = t_interval(diff, confidence)
+    return e.mean, e.half, float(scipy.stats.ttest_rel(x, y).pvalue)
+
+
 def bootstrap(
     statistic: Callable[[Tensor, Tensor], Mapping[str, float]],
     n_real: int,
