@@ -65,6 +65,19 @@ def runs_of(args, joint: Path, name: str, overrides: list[str]) -> list[list[lis
     return out
 
 
+def training_noise(args, joint: Path, default: list[list[list[dict]]]) -> list[str]:
+    """With one training seed per variant, what training noise alone moves: the default's other
+    training seeds (those finetune_compare ran) against its seed 0, paired the same way."""
+    lines, t = [], 1
+    while args.train_seeds == 1 and (fc.ROOT / args.out / "runs" / f"joint-seed{t}" / "export").is_dir():
+        other = [fc.evaluate(args, f"after-seed{t}", fc.joint_seed(args, joint, t))]
+        pairs = ((fc.values(other, k, COLUMN), fc.values(default, k, COLUMN)) for k in fc.KS)
+        diffs = " | ".join(fc.versus(a, b) for a, b in pairs)
+        lines.append(f"| default, training seed {t} − seed 0 (training noise alone) | | {diffs} |")
+        t += 1
+    return lines
+
+
 def main() -> None:
     args = parse()
     joint = fc.ROOT / args.joint
@@ -80,7 +93,13 @@ def main() -> None:
         "",
         f"Mean ± 95% t-interval over {args.seeds} noise seeds"
         + (f" (over {args.train_seeds} training seeds of their means)" if args.train_seeds > 1 else "")
-        + "; differences paired as in `finetune_compare.py`; `*`: p < 0.05.",
+        + "; differences paired as in `finetune_compare.py`; `*`: p < 0.05."
+        + (
+            " With one training seed the `*` tests the noise seeds only: a variant differs from the default "
+            "only by more than the default's own training seeds differ (the training-noise rows)."
+            if args.train_seeds == 1
+            else ""
+        ),
         "",
         "| variant | overrides | " + " | ".join(f"K={k}" for k in fc.KS) + " |",
         "|---|---|" + "---|" * len(fc.KS),
@@ -89,6 +108,7 @@ def main() -> None:
         + " |",
     ]
     default = rows["default"][1]
+    lines += training_noise(args, joint, default)
     for name, (overrides, runs) in rows.items():
         cells = " | ".join(fc.cell(fc.values(runs, k, COLUMN)) for k in fc.KS)
         lines.append(f"| {name} | `{overrides}` | {cells} |")
