@@ -102,7 +102,12 @@ def joint_seed(args, joint: Path, seed: int) -> Path:
     run again at `seed_everything = seed` (`joint_run`)."""
     if seed == 0:
         return joint / "export" / "generator"
-    return joint_run(args, joint, f"joint-seed{seed}", [f"--seed_everything={seed}"])
+    return joint_run(args, joint, seed_run(args, seed).name, [f"--seed_everything={seed}"])
+
+
+def seed_run(args, seed: int) -> Path:
+    """The run directory of the joint fine-tune's training seed `seed` > 0."""
+    return ROOT / args.out / "runs" / f"joint-seed{seed}"
 
 
 def joint_run(args, joint: Path, name: str, extra: list[str]) -> Path:

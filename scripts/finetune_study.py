@@ -69,7 +69,7 @@ def training_noise(args, joint: Path, default: list[list[list[dict]]]) -> list[s
     """With one training seed per variant, what training noise alone moves: the default's other
     training seeds (those finetune_compare ran) against its seed 0, paired the same way."""
     lines, t = [], 1
-    while args.train_seeds == 1 and (fc.ROOT / args.out / "runs" / f"joint-seed{t}" / "export").is_dir():
+    while args.train_seeds == 1 and (fc.seed_run(args, t) / "export").is_dir():
         other = [fc.evaluate(args, f"after-seed{t}", fc.joint_seed(args, joint, t))]
         pairs = ((fc.values(other, k, COLUMN), fc.values(default, k, COLUMN)) for k in fc.KS)
         diffs = " | ".join(fc.versus(a, b) for a, b in pairs)
